@@ -1,0 +1,69 @@
+"""multi_digits: two handwritten digits side by side; tasks left, right (10 classes) and sum.
+
+Runs offline: the dataset is generated from scikit-learn's bundled digits on first use.
+
+    python experiments/multi_digits.py                       # ~1-2 min on 2 CPU cores
+    python experiments/multi_digits.py --tasks=left          # single-task baseline
+    tensorboard --logdir runs/multi_digits
+
+Expected with the defaults (3,000 steps, batch 64, Adam 1e-3, small_cnn): test accuracy about
+0.95 on left and right, and a sum MAE well under 1.
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Hide TF's start-up banner, keep warnings.
+
+import keras  # noqa: E402
+from absl import app  # noqa: E402
+
+import mtl  # noqa: E402
+from mtl import experiment, flags  # noqa: E402
+from mtl.data import multi_digits  # noqa: E402
+
+flags.define_flags(backbone="small_cnn", train_steps=3000, batch_size=64, eval_every=1000,
+                   checkpoint_every=1000)
+
+
+def build_tasks(config):
+    del config
+    return [
+        mtl.Task("left", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                 metrics=["accuracy"]),
+        mtl.Task("right", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                 metrics=["accuracy"]),
+        mtl.Task("sum", loss="mse", metrics=["mae"], weight=0.1),
+    ]
+
+
+def build_model(config, task_names):
+    backbone = mtl.backbones.get(config.backbone, multi_digits.IMAGE_SHAPE)
+    all_heads = {"left": lambda: mtl.heads.classification(10),
+                 "right": lambda: mtl.heads.classification(10),
+                 "sum": lambda: mtl.heads.regression(1)}
+    return mtl.MultiTaskModel(backbone, {name: all_heads[name]() for name in task_names})
+
+
+def train_data(config, task_names):
+    return multi_digits.load("train", batch_size=config.batch_size, training=True,
+                             tasks=task_names, data_dir=config.data_dir, seed=config.seed)
+
+
+def eval_data(config, task_names):
+    return multi_digits.load("test", batch_size=config.eval_batch_size, training=False,
+                             tasks=task_names, data_dir=config.data_dir)
+
+
+EXPERIMENT = experiment.Experiment(
+    name="multi_digits", tasks=build_tasks, model=build_model, train_data=train_data,
+    eval_data=eval_data)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    experiment.train_and_evaluate(EXPERIMENT, flags.config_from_flags())
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,17 @@
+"""mtl: multi-task training on TensorFlow 2 / Keras 3.
+
+A shared backbone feeds several task heads; one compiled step trains all heads at once, so every
+head's gradient reaches the shared layers; `tf.distribute` carries the same step to many devices.
+"""
+
+from mtl import backbones, data, distribute, heads, weighting
+from mtl.model import MultiTaskModel, SharingReport, sharing_report
+from mtl.tasks import Task
+from mtl.trainer import History, Trainer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "History", "MultiTaskModel", "SharingReport", "Task", "Trainer", "backbones", "data",
+    "distribute", "heads", "sharing_report", "weighting",
+]

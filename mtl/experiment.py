@@ -1,0 +1,105 @@
+"""Runs an experiment from a `Config`: strategy, data, model, `Trainer`, results.
+
+An experiment script declares *what* to train (an `Experiment`: tasks, model, data) and calls
+`train_and_evaluate(experiment, config)`; this module is the *how*, the same for every experiment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Callable, Sequence
+
+import keras
+import tensorflow as tf
+from absl import logging
+
+from mtl import distribute, optimizers
+from mtl.flags import Config
+from mtl.tasks import Task
+from mtl.trainer import Trainer
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    """What an experiment trains.
+
+    Attributes:
+      name: the experiment's name (default run folder: runs/<name>).
+      tasks: config -> every `Task` the experiment offers (`--tasks` picks a subset).
+      model: (config, task names) -> a `MultiTaskModel` with one head per task; called under the
+        strategy scope.
+      train_data: (config, task names) -> endless global batches.
+      eval_data: (config, task names) -> one pass of eval batches.
+    """
+
+    name: str
+    tasks: Callable[[Config], Sequence[Task]]
+    model: Callable[[Config, Sequence[str]], keras.Model]
+    train_data: Callable[[Config, Sequence[str]], tf.data.Dataset]
+    eval_data: Callable[[Config, Sequence[str]], tf.data.Dataset]
+
+
+def select_tasks(available: Sequence[Task], wanted: Sequence[str] | None) -> list[Task]:
+    """The tasks named in `wanted` (all when None), in the experiment's order."""
+    if wanted is None:
+        return list(available)
+    names = [t.name for t in available]
+    for name in wanted:
+        if name not in names:
+            raise ValueError(f"--tasks names {name!r}, which this experiment does not have; its "
+                             f"tasks are {names}.")
+    return [t for t in available if t.name in wanted]
+
+
+def train_and_evaluate(experiment: Experiment, config: Config) -> dict:
+    """Trains to `config.train_steps`, evaluates, writes results.json; returns the results."""
+    # The strategy first: logical CPU devices and collectives must be set before TF starts.
+    strategy = distribute.get_strategy(config.strategy, num_gpus=config.num_gpus,
+                                       cpu_replicas=config.cpu_replicas, tpu=config.tpu)
+    keras.utils.set_random_seed(config.seed)
+    tasks = select_tasks(experiment.tasks(config), config.tasks)
+    task_names = [t.name for t in tasks]
+    model_dir = config.model_dir or os.path.join("runs", experiment.name)
+    train_ds = experiment.train_data(config, task_names)
+    eval_ds = experiment.eval_data(config, task_names)
+    with strategy.scope():
+        model = experiment.model(config, task_names)
+        trainer = Trainer(model, tasks, optimizer=optimizers.get(config.optimizer,
+                                                                  config.learning_rate),
+                          weighting=config.weighting, model_dir=model_dir, strategy=strategy,
+                          steps_per_loop=config.steps_per_loop, log_every=config.log_every,
+                          checkpoint_every=config.checkpoint_every)
+    if trainer.is_chief:
+        os.makedirs(model_dir, exist_ok=True)
+        with open(os.path.join(model_dir, "config.json"), "w") as f:
+            json.dump({"experiment": experiment.name, **dataclasses.asdict(config)}, f, indent=2)
+    if trainer.global_step >= config.train_steps:
+        logging.info("%s already holds a run at step %d >= --train_steps=%d: evaluating only. "
+                     "Use a new --model_dir to train again.", model_dir, trainer.global_step,
+                     config.train_steps)
+    trainer.fit(train_ds, config.train_steps, eval_data=eval_ds, eval_every=config.eval_every,
+                eval_steps=config.eval_steps)
+    results = trainer.evaluate(eval_ds, steps=config.eval_steps)
+    if trainer.is_chief:
+        with open(os.path.join(model_dir, "results.json"), "w") as f:
+            json.dump({"step": trainer.global_step, "results": results}, f, indent=2)
+    print(format_results_table(results, step=trainer.global_step))
+    return results
+
+
+def format_results_table(results: dict, step: int | None = None) -> str:
+    """A plain-text table: one row per task, one column per metric."""
+    columns = []
+    for values in results.values():
+        for name in values:
+            if name not in columns:
+                columns.append(name)
+    width = max(8, *(len(t) for t in results))
+    header = f"{'task':<{width}}" + "".join(f"{c:>14}" for c in columns)
+    lines = [f"Results{'' if step is None else f' at step {step}'}:", header, "-" * len(header)]
+    for task, values in results.items():
+        cells = "".join(f"{values[c]:>14.4f}" if c in values else f"{'':>14}" for c in columns)
+        lines.append(f"{task:<{width}}{cells}")
+    return "\n".join(lines)

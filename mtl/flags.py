@@ -1,0 +1,131 @@
+"""The command-line flags shared by every experiment, and the typed config they become.
+
+This is the only module that defines or reads absl flags: experiment scripts call
+`define_flags()` at import and `config_from_flags()` in `main`, then pass the `Config` on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from absl import flags
+
+from mtl import distribute, optimizers
+from mtl import weighting as weighting_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything an experiment run needs, typed and checked."""
+
+    model_dir: str | None = None
+    train_steps: int = 1500
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    learning_rate: float = 1e-3
+    optimizer: str = "adam"
+    weighting: str = "equal"
+    tasks: tuple[str, ...] | None = None  # None: every task of the experiment.
+    eval_every: int = 500
+    eval_steps: int | None = None
+    checkpoint_every: int = 500
+    log_every: int = 100
+    steps_per_loop: int = 1
+    seed: int = 0
+    data_dir: str | None = None
+    backbone: str = "small_cnn"
+    strategy: str = "default"
+    num_gpus: int | None = None
+    cpu_replicas: int | None = None
+    tpu: str | None = None
+
+    def __post_init__(self):
+        for name in ("train_steps", "seed"):
+            _check_int(name, getattr(self, name), minimum=0)
+        for name in ("batch_size", "eval_batch_size", "eval_every", "checkpoint_every",
+                     "log_every", "steps_per_loop"):
+            _check_int(name, getattr(self, name), minimum=1)
+        for name in ("eval_steps", "num_gpus", "cpu_replicas"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), minimum=1)
+        if not self.learning_rate > 0:
+            raise ValueError(f"--learning_rate must be > 0; got {self.learning_rate!r}.")
+        if self.optimizer not in optimizers.NAMES:
+            raise ValueError(f"--optimizer={self.optimizer!r} is unknown; expected one of "
+                             f"{list(optimizers.NAMES)}.")
+        if self.weighting not in weighting_lib.METHODS:
+            raise ValueError(f"--weighting={self.weighting!r} is unknown; expected one of "
+                             f"{sorted(weighting_lib.METHODS)}.")
+        if self.strategy not in distribute.STRATEGIES:
+            raise ValueError(f"--strategy={self.strategy!r} is unknown; expected one of "
+                             f"{list(distribute.STRATEGIES)}.")
+        if self.tasks is not None and not self.tasks:
+            raise ValueError("--tasks is empty; name at least one task or leave it unset.")
+
+
+def _check_int(name, value, minimum):
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"--{name} must be an int >= {minimum}; got {value!r}.")
+
+
+_DEFAULTS = Config()
+
+
+def define_flags(**defaults) -> None:
+    """Defines the shared flags (once); `defaults` override `Config`'s defaults per experiment."""
+    values = {**dataclasses.asdict(_DEFAULTS), **defaults}
+    unknown = sorted(set(defaults) - {f.name for f in dataclasses.fields(Config)})
+    if unknown:
+        raise ValueError(f"define_flags: no flag {unknown[0]!r}.")
+    if "train_steps" in flags.FLAGS:
+        for name, value in defaults.items():
+            flags.FLAGS.set_default(name, _flag_default(name, value))
+        return
+    f = flags
+    f.DEFINE_string("model_dir", values["model_dir"],
+                    "Run folder: checkpoints, TensorBoard logs, config.json, results.json. An "
+                    "existing run there is resumed.")
+    f.DEFINE_integer("train_steps", values["train_steps"], "Global step to train to.")
+    f.DEFINE_integer("batch_size", values["batch_size"], "Global train batch size.")
+    f.DEFINE_integer("eval_batch_size", values["eval_batch_size"], "Global eval batch size.")
+    f.DEFINE_float("learning_rate", values["learning_rate"], "Learning rate.")
+    f.DEFINE_enum("optimizer", values["optimizer"], list(optimizers.NAMES), "Optimizer.")
+    f.DEFINE_string("weighting", values["weighting"],
+                    f"Task weighting method, one of {sorted(weighting_lib.METHODS)}.")
+    f.DEFINE_list("tasks", values["tasks"],
+                  "Comma-separated subset of the experiment's tasks (e.g. one task for a "
+                  "single-task baseline). Default: all.")
+    f.DEFINE_integer("eval_every", values["eval_every"], "Steps between evaluations.")
+    f.DEFINE_integer("eval_steps", values["eval_steps"],
+                     "Eval batches per evaluation. Default: the whole eval split.")
+    f.DEFINE_integer("checkpoint_every", values["checkpoint_every"], "Steps between checkpoints.")
+    f.DEFINE_integer("log_every", values["log_every"], "Steps between train summaries.")
+    f.DEFINE_integer("steps_per_loop", values["steps_per_loop"],
+                     "Train steps inside one compiled call.")
+    f.DEFINE_integer("seed", values["seed"], "Random seed (weights, shuffling, dropout).")
+    f.DEFINE_string("data_dir", values["data_dir"], "TFDS data folder (default: TFDS's own).")
+    f.DEFINE_string("backbone", values["backbone"], "Backbone builder name.")
+    f.DEFINE_string("strategy", values["strategy"],
+                    f"Distribution strategy, one of {list(distribute.STRATEGIES)}.")
+    f.DEFINE_integer("num_gpus", values["num_gpus"], "GPUs for --strategy=mirrored (default: all).")
+    f.DEFINE_integer("cpu_replicas", values["cpu_replicas"],
+                     "Mirror over this many logical CPU devices (no GPU needed).")
+    f.DEFINE_string("tpu", values["tpu"], "TPU address for --strategy=tpu.")
+
+
+def _flag_default(name, value):
+    if name == "tasks" and value is not None:
+        return ",".join(value)
+    return value
+
+
+def config_from_flags(flag_values=None) -> Config:
+    """The parsed flags as a checked `Config`."""
+    fv = flags.FLAGS if flag_values is None else flag_values
+    kwargs = {}
+    for field in dataclasses.fields(Config):
+        value = fv[field.name].value
+        if field.name == "tasks" and value is not None:
+            value = tuple(v.strip() for v in value if v.strip())
+        kwargs[field.name] = value
+    return Config(**kwargs)

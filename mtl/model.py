@@ -1,0 +1,178 @@
+"""`MultiTaskModel`: one Functional Keras model, inputs -> {task_name: output}.
+
+Two ways to build one:
+  * `MultiTaskModel(backbone, heads)`: a shared backbone (a Functional model) computed once per
+    batch, feeding one head per task.
+  * `MultiTaskModel.from_models({task: keras.Model})`: models built separately that share layer
+    *instances* (one `Conv2D` object in two `Sequential`s). Keras deduplicates variables, so a shared
+    kernel appears once in `trainable_variables` and receives the sum of every model's gradient.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+
+def _fresh_inputs(model: keras.Model):
+    """Symbolic `keras.Input`s with the same structure, shapes and dtypes as `model`'s inputs."""
+    if not model.built or not getattr(model, "inputs", None):
+        raise ValueError(
+            f"Model {model.name!r} has no defined inputs; build it with a keras.Input (a Functional "
+            "model, or a Sequential whose first layer is keras.Input(shape)).")
+    return tf.nest.map_structure(
+        lambda t: keras.Input(shape=t.shape[1:], dtype=t.dtype), model.input)
+
+
+class _Refs:
+    """Plain attribute holder: keeps Python references out of Keras/TF object tracking, so that
+    the checkpoint graph is the Functional graph alone and does not change when `task_model` is
+    called."""
+
+    def __init__(self, **attributes):
+        self.__dict__.update(attributes)
+
+
+class MultiTaskModel(keras.Model):
+    """A Functional model whose outputs are a dict keyed by task name.
+
+    Args:
+      backbone: a Functional `keras.Model` (inputs -> shared features), run once per batch.
+      heads: `{task_name: layer}`; each head maps the backbone's output to that task's output.
+      name: the model's name.
+    """
+
+    def __init__(self, backbone: keras.Model, heads: Mapping[str, keras.layers.Layer], *,
+                 name: str = "multi_task_model", _task_models=None):
+        if _task_models is not None:  # Built by `from_models`.
+            inputs, outputs = _task_models
+            super().__init__(inputs=inputs, outputs=outputs, name=name)
+            self._mtl = _Refs(backbone=None, heads=dict(heads), task_models=dict(heads))
+            return
+        if not isinstance(backbone, keras.Model):
+            raise TypeError(f"backbone must be a keras.Model (Functional); got {type(backbone)}.")
+        heads = _check_heads(heads)
+        inputs = _fresh_inputs(backbone)
+        features = backbone(inputs)
+        outputs = {task: head(features) for task, head in heads.items()}
+        super().__init__(inputs=inputs, outputs=outputs, name=name)
+        self._mtl = _Refs(backbone=backbone, heads=heads, task_models={},
+                          symbolic=(inputs, outputs))
+
+    @classmethod
+    def from_models(cls, models: Mapping[str, keras.Model], *,
+                    name: str = "multi_task_model") -> "MultiTaskModel":
+        """Joint training of separately built models that share layer instances.
+
+        All models must take inputs of the same structure and shape (one batch feeds them all).
+        """
+        models = _check_heads(models, what="models")
+        specs = {}
+        for task, model in models.items():
+            if not isinstance(model, keras.Model):
+                raise TypeError(f"from_models: task {task!r} must map to a keras.Model; got "
+                                f"{type(model).__name__}.")
+            fresh = _fresh_inputs(model)
+            specs[task] = tf.nest.map_structure(lambda t: (tuple(t.shape[1:]), t.dtype), fresh)
+        first_task, first_spec = next(iter(specs.items()))
+        for task, spec in specs.items():
+            if spec != first_spec:
+                raise ValueError(
+                    f"from_models: all models must take the same inputs; model {task!r} takes "
+                    f"{spec} but model {first_task!r} takes {first_spec}.")
+        inputs = _fresh_inputs(models[first_task])
+        outputs = {task: model(inputs) for task, model in models.items()}
+        return cls(None, models, name=name, _task_models=(inputs, outputs))
+
+    @property
+    def backbone(self) -> keras.Model | None:
+        """The shared backbone (None for a model built with `from_models`)."""
+        return self._mtl.backbone
+
+    @property
+    def heads(self) -> dict:
+        """`{task_name: head layer}` (for `from_models`, the task models themselves)."""
+        return dict(self._mtl.heads)
+
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        return tuple(self._mtl.heads)
+
+    def task_model(self, name: str) -> keras.Model:
+        """A plain `keras.Model` for one task, sharing the very same layer objects."""
+        if name not in self._mtl.heads:
+            raise KeyError(f"No task {name!r} in this model; its tasks are {list(self.task_names)}.")
+        if name not in self._mtl.task_models:
+            inputs, outputs = self._mtl.symbolic
+            self._mtl.task_models[name] = keras.Model(inputs, outputs[name], name=f"{name}_model")
+        return self._mtl.task_models[name]
+
+
+def _check_heads(heads, what="heads") -> dict:
+    if not isinstance(heads, Mapping) or not heads:
+        raise ValueError(f"{what} must be a non-empty dict {{task_name: ...}}; got {heads!r}.")
+    for task in heads:
+        if not isinstance(task, str) or not task:
+            raise ValueError(f"{what}: keys must be non-empty task names (str); got {task!r}.")
+    return dict(heads)
+
+
+@dataclasses.dataclass(frozen=True)
+class SharedVariable:
+    path: str
+    shape: tuple
+    size: int
+    tasks: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class SharingReport:
+    """Which trainable variables each task uses, and what sharing saves.
+
+    `num_params_separate` counts the parameters of one separate model per task (what training the
+    task models apart would need); `params_saved` is the difference to `num_params`.
+    """
+
+    variables: tuple[SharedVariable, ...]
+    task_params: dict
+    num_params: int
+    num_params_separate: int
+
+    @property
+    def shared(self) -> tuple[SharedVariable, ...]:
+        return tuple(v for v in self.variables if len(v.tasks) > 1)
+
+    @property
+    def params_saved(self) -> int:
+        return self.num_params_separate - self.num_params
+
+    def __str__(self) -> str:
+        lines = [f"{'variable':48s} {'params':>9s}  tasks"]
+        for v in self.shared:
+            lines.append(f"{v.path:48s} {v.size:9d}  {', '.join(v.tasks)}")
+        lines.append(f"shared variables: {len(self.shared)} of {len(self.variables)}; "
+                     f"parameters: {self.num_params} (separate models: "
+                     f"{self.num_params_separate}, saved by sharing: {self.params_saved})")
+        return "\n".join(lines)
+
+
+def sharing_report(model: MultiTaskModel) -> SharingReport:
+    """Lists which trainable variables are shared by which tasks."""
+    users: dict[int, list[str]] = {}
+    task_params = {}
+    for task in model.task_names:
+        variables = model.task_model(task).trainable_variables
+        task_params[task] = int(sum(np.prod(v.shape) for v in variables))
+        for v in variables:
+            users.setdefault(id(v), []).append(task)
+    rows = []
+    for v in model.trainable_variables:
+        rows.append(SharedVariable(path=v.path, shape=tuple(v.shape), size=int(np.prod(v.shape)),
+                                   tasks=tuple(users.get(id(v), ()))))
+    return SharingReport(variables=tuple(rows), task_params=task_params,
+                         num_params=sum(r.size for r in rows),
+                         num_params_separate=sum(task_params.values()))

@@ -1,0 +1,330 @@
+"""`Trainer`: the outer loop around the compiled step (checkpoints, evaluation, summaries, bar).
+
+Plain Python between compiled loops: nothing here runs inside `tf.function`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from typing import Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from mtl import progress, validation
+from mtl import weighting as weighting_lib
+from mtl.model import MultiTaskModel
+from mtl.step import StepFunctions
+from mtl.tasks import Task
+
+
+@dataclasses.dataclass
+class History:
+    """What `fit` saw: one record per logging interval and one per evaluation.
+
+    Train records: `{"step", "loss", "<task>/loss", "<task>/<metric>", "examples_per_sec"}`;
+    eval records: `{"step", "<task>/loss", "<task>/<metric>"}`.
+    """
+
+    train: list = dataclasses.field(default_factory=list)
+    eval: list = dataclasses.field(default_factory=list)
+
+    def series(self, key: str, split: str = "train") -> list:
+        """The values of `key` over time, e.g. `history.series("left/loss")`."""
+        return [r[key] for r in getattr(self, split) if key in r]
+
+
+def _flatten_results(results: dict) -> dict:
+    return {f"{task}/{name}": value for task, values in results.items()
+            for name, value in values.items()}
+
+
+def _get_optimizer(optimizer) -> keras.optimizers.Optimizer:
+    if isinstance(optimizer, keras.optimizers.Optimizer):
+        return optimizer
+    if isinstance(optimizer, str):
+        try:
+            return keras.optimizers.get(optimizer)
+        except ValueError:
+            raise ValueError(f"Unknown optimizer {optimizer!r}; expected a Keras optimizer name "
+                             "('sgd', 'adam', 'adamw', 'rmsprop', ...) or a "
+                             "keras.optimizers.Optimizer object.") from None
+    raise TypeError(f"optimizer must be a keras.optimizers.Optimizer or a name; got {optimizer!r}.")
+
+
+class Trainer:
+    """Trains all tasks of a `MultiTaskModel` jointly with one compiled step.
+
+    Build it under the scope of the strategy it should use (the model and the optimizer too):
+
+        with strategy.scope():
+            model = mtl.MultiTaskModel(backbone, heads)
+            trainer = mtl.Trainer(model, tasks, optimizer=keras.optimizers.Adam(1e-3))
+
+    Args:
+      model: a `MultiTaskModel` (any Functional model with dict outputs keyed by task name works).
+      tasks: one `mtl.Task` per head.
+      optimizer: a Keras optimizer (or its name).
+      weighting: a method name for `mtl.weighting.get` or a `Weighting` object.
+      model_dir: where checkpoints and TensorBoard summaries go; the latest checkpoint there is
+        restored on construction. None: nothing is written.
+      strategy: the `tf.distribute.Strategy`; defaults to the one whose scope is active.
+      steps_per_loop: train steps run inside one compiled call.
+      log_every: steps between train summaries / history records.
+      checkpoint_every: steps between checkpoints (also written at the end of `fit`).
+      max_to_keep: checkpoints kept in `model_dir`.
+    """
+
+    def __init__(self, model: keras.Model, tasks: Sequence[Task], *, optimizer,
+                 weighting="equal", model_dir: str | None = None,
+                 strategy: tf.distribute.Strategy | None = None, steps_per_loop: int = 1,
+                 log_every: int = 100, checkpoint_every: int | None = 1000,
+                 max_to_keep: int = 3):
+        tasks = list(tasks)
+        for task in tasks:
+            if not isinstance(task, Task):
+                raise TypeError(f"tasks must be mtl.Task objects; got {task!r}.")
+        task_names = getattr(model, "task_names", None) or list(model.output)
+        validation.check_tasks_match_heads(tasks, task_names)
+        for name, value in (("steps_per_loop", steps_per_loop), ("log_every", log_every)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1; got {value!r}.")
+        if checkpoint_every is not None and (not isinstance(checkpoint_every, int)
+                                             or checkpoint_every < 1):
+            raise ValueError(f"checkpoint_every must be None or an int >= 1; got "
+                             f"{checkpoint_every!r}.")
+        self.strategy = strategy or tf.distribute.get_strategy()
+        self.model = model
+        # Keep the model's head order, so task i is the same task everywhere.
+        by_name = {t.name: t for t in tasks}
+        self.tasks = [by_name[name] for name in task_names]
+        self.optimizer = _get_optimizer(optimizer)
+        self.weighting = weighting_lib.get(weighting)
+        self.model_dir = model_dir
+        self.steps_per_loop = steps_per_loop
+        self.log_every = log_every
+        self.checkpoint_every = checkpoint_every
+        self._check_built_in_scope()
+
+        with self.strategy.scope():
+            self.weighting.build([t.name for t in self.tasks], [t.weight for t in self.tasks])
+            self.variables = _unique(list(model.trainable_variables)
+                                     + list(self.weighting.trainable_variables))
+            # Keras 3 under MirroredStrategy needs the optimizer's slots built in the scope
+            # before the first compiled step.
+            self.optimizer.build(self.variables)
+            self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
+            self.train_metrics = {t.name: t.build_metrics() for t in self.tasks}
+            self.eval_metrics = {t.name: t.build_metrics() for t in self.tasks}
+            self.eval_losses = {t.name: keras.metrics.Mean(name="loss") for t in self.tasks}
+        self._steps = StepFunctions(
+            model=model, tasks=self.tasks, weighting=self.weighting, optimizer=self.optimizer,
+            strategy=self.strategy, variables=self.variables, train_metrics=self.train_metrics,
+            eval_metrics=self.eval_metrics, eval_losses=self.eval_losses, step=self.step)
+        self.checkpoint = tf.train.Checkpoint(
+            model=model, optimizer=self.optimizer, step=self.step, weighting=self.weighting,
+            # Dropout's RNG state lives in SeedGenerator variables that checkpointing the model
+            # does not reach; saving them makes a resumed run draw the same masks.
+            seed_states=_seed_states(model))
+        self._manager = None
+        self._writers = {}
+        if model_dir:
+            self._manager = tf.train.CheckpointManager(
+                self.checkpoint, os.path.join(model_dir, "checkpoints"), max_to_keep=max_to_keep)
+            self.restore()
+
+    def _check_built_in_scope(self) -> None:
+        """The model's and the optimizer's variables must belong to this trainer's strategy."""
+        extended = self.strategy.extended
+        name = type(self.strategy).__name__
+        for what, variable in (("model", next(iter(self.model.variables), None)),
+                               ("optimizer", getattr(self.optimizer, "iterations", None))):
+            if variable is None:
+                continue
+            if not extended.variable_created_in_scope(getattr(variable, "value", variable)):
+                raise ValueError(
+                    f"The {what} was created outside the scope of the trainer's strategy ({name}); "
+                    "create the model, the optimizer and the Trainer inside "
+                    "`with strategy.scope():`.")
+
+    # ----------------------------------------------------------------------------- properties
+    @property
+    def is_chief(self) -> bool:
+        """True on the worker that writes checkpoints, summaries and the progress bar."""
+        return bool(getattr(self.strategy.extended, "should_checkpoint", True))
+
+    @property
+    def global_step(self) -> int:
+        return int(self.step.numpy())
+
+    # ------------------------------------------------------------------------------- training
+    def fit(self, data: tf.data.Dataset, steps: int, *, eval_data: tf.data.Dataset | None = None,
+            eval_every: int | None = None, eval_steps: int | None = None) -> History:
+        """Trains until the global step reaches `steps` (a resumed run continues from its saved
+        step), evaluating every `eval_every` steps and at the end when `eval_data` is given.
+
+        `data` yields global batches of (features, labels[, sample_weights]); it should repeat
+        (steps, not epochs, decide when training ends).
+        """
+        if not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"steps must be an int >= 0 (the global step to train to); got "
+                             f"{steps!r}.")
+        if eval_every is not None and (not isinstance(eval_every, int) or eval_every < 1):
+            raise ValueError(f"eval_every must be None or an int >= 1; got {eval_every!r}.")
+        validation.check_data(data.element_spec, self.tasks, self.model, where="train data")
+        if eval_data is not None:
+            validation.check_data(eval_data.element_spec, self.tasks, self.model,
+                                  where="eval data")
+        history = History()
+        start = self.global_step
+        if start >= steps:
+            logging.info("Already at step %d >= %d: nothing to train.", start, steps)
+            return history
+        iterator = iter(self._distribute(data))
+        boundaries = [b for b in (self.log_every, eval_every, self.checkpoint_every) if b]
+        bar = progress.progress_bar(total=steps, initial=start, enabled=self.is_chief)
+        loss_sum, total_sum, seen, examples = None, 0.0, 0, 0
+        interval_start = time.perf_counter()
+        with progress.absl_logging_through_tqdm(), bar:
+            while self.global_step < steps:
+                step = self.global_step
+                # Run up to the next step where something happens outside the compiled loop.
+                next_stop = min([steps] + [(step // b + 1) * b for b in boundaries])
+                n = min(self.steps_per_loop, next_stop - step)
+                task_losses, total, num_examples = self._steps.train_loop(
+                    iterator, tf.constant(n, tf.int32))
+                task_losses = task_losses.numpy() * n
+                loss_sum = task_losses if loss_sum is None else loss_sum + task_losses
+                total_sum += float(total) * n
+                seen += n
+                examples += int(num_examples)
+                step = self.global_step
+                bar.update(n)
+                bar.set_postfix({t.name: f"{v / seen:.4g}" for t, v in zip(self.tasks, loss_sum)},
+                                refresh=False)
+                if step % self.log_every == 0 or step == steps:
+                    elapsed = max(time.perf_counter() - interval_start, 1e-9)
+                    record = self._log_train(step, loss_sum / seen, total_sum / seen,
+                                             examples / elapsed, seen / elapsed)
+                    history.train.append(record)
+                    loss_sum, total_sum, seen, examples = None, 0.0, 0, 0
+                    interval_start = time.perf_counter()
+                if eval_data is not None and ((eval_every and step % eval_every == 0)
+                                              or step == steps):
+                    results = self.evaluate(eval_data, steps=eval_steps)
+                    history.eval.append({"step": step, **_flatten_results(results)})
+                    logging.info("step %d eval: %s", step, _format_results(results))
+                    interval_start = time.perf_counter()  # Do not count eval time as training.
+                if self.checkpoint_every and step % self.checkpoint_every == 0 or step == steps:
+                    self.save()
+        return history
+
+    def _distribute(self, data: tf.data.Dataset):
+        if self.strategy.num_replicas_in_sync == 1:
+            return data
+        return self.strategy.experimental_distribute_dataset(data)
+
+    def _log_train(self, step, task_losses, total, examples_per_sec, steps_per_sec) -> dict:
+        record = {"step": step, "loss": float(total)}
+        for task, loss in zip(self.tasks, task_losses):
+            record[f"{task.name}/loss"] = float(loss)
+            for metric in self.train_metrics[task.name]:
+                record[f"{task.name}/{metric.name}"] = float(metric.result())
+                metric.reset_state()
+        record["learning_rate"] = _learning_rate(self.optimizer)
+        record["examples_per_sec"] = float(examples_per_sec)
+        record["steps_per_sec"] = float(steps_per_sec)
+        self._write_summaries("train", step, {
+            "loss/total" if k == "loss" else k: v for k, v in record.items() if k != "step"})
+        return record
+
+    # ----------------------------------------------------------------------------- evaluation
+    def evaluate(self, data: tf.data.Dataset, steps: int | None = None) -> dict:
+        """Returns `{task: {"loss": ..., metric_name: ...}}` over `data` (or its first `steps`
+        batches). A task's loss and metrics count only the examples that carry its label."""
+        validation.check_data(data.element_spec, self.tasks, self.model, where="eval data")
+        if steps is None and data.cardinality() == tf.data.INFINITE_CARDINALITY:
+            raise ValueError("evaluate: the eval data repeats forever; pass steps= or give a "
+                             "finite dataset.")
+        for metric in self._all_eval_metrics():
+            metric.reset_state()
+        if steps is not None:
+            data = data.take(steps)
+        for batch in self._distribute(data):
+            self._steps.eval_step(batch)
+        results = {}
+        for task in self.tasks:
+            values = {"loss": float(self.eval_losses[task.name].result())}
+            for metric in self.eval_metrics[task.name]:
+                values[metric.name] = float(metric.result())
+            results[task.name] = values
+        if self.model_dir:
+            self._write_summaries("eval", self.global_step, _flatten_results(results))
+        return results
+
+    def _all_eval_metrics(self):
+        for task in self.tasks:
+            yield self.eval_losses[task.name]
+            yield from self.eval_metrics[task.name]
+
+    # ---------------------------------------------------------------------- checkpoints & logs
+    def save(self) -> str | None:
+        """Writes a checkpoint at the current step (chief only); returns its path."""
+        if self._manager is None or not self.is_chief:
+            return None
+        path = self._manager.save(checkpoint_number=self.global_step)
+        logging.info("Saved checkpoint %s", path)
+        return path
+
+    def restore(self) -> int:
+        """Restores the latest checkpoint in `model_dir`, if any; returns the step it holds."""
+        if self._manager is None or self._manager.latest_checkpoint is None:
+            return self.global_step
+        self.checkpoint.restore(self._manager.latest_checkpoint).assert_existing_objects_matched()
+        logging.info("Restored %s at step %d.", self._manager.latest_checkpoint, self.global_step)
+        return self.global_step
+
+    def _write_summaries(self, split: str, step: int, scalars: dict) -> None:
+        if not self.model_dir or not self.is_chief:
+            return
+        if split not in self._writers:
+            self._writers[split] = tf.summary.create_file_writer(
+                os.path.join(self.model_dir, split))
+        with self._writers[split].as_default(step=step):
+            for name, value in scalars.items():
+                tf.summary.scalar(name, value)
+        self._writers[split].flush()
+
+
+def _unique(variables):
+    seen, out = set(), []
+    for v in variables:
+        if id(v) not in seen:
+            seen.add(id(v))
+            out.append(v)
+    return out
+
+
+def _seed_states(model: keras.Model) -> list:
+    states = []
+    for layer in model._flatten_layers(include_self=True, recursive=True):
+        for generator in getattr(layer, "_seed_generators", ()) or ():
+            states.append(generator.state)
+    return _unique(states)
+
+
+def _learning_rate(optimizer) -> float:
+    try:
+        return float(np.asarray(optimizer.learning_rate))
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _format_results(results: dict) -> str:
+    return "; ".join(f"{task}: " + ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+                     for task, values in results.items())
