@@ -13,7 +13,7 @@ import keras
 import tensorflow as tf
 
 from mtl.tasks import Task
-from mtl.weighting import LossWeighting
+from mtl.weighting import LossWeighting, StepContext
 
 
 def unpack_batch(batch):
@@ -114,7 +114,12 @@ class StepFunctions:
         with tf.GradientTape() as tape:
             outputs = self.model(features, training=True)
             task_losses = compute_task_losses(self.tasks, outputs, labels, sample_weights)
-            total = self.weighting.combine(task_losses)
+            replica_context = tf.distribute.get_replica_context()
+            context = StepContext(
+                global_losses=replica_context.all_reduce(tf.distribute.ReduceOp.SUM,
+                                                         tf.stop_gradient(task_losses)),
+                num_replicas=self.strategy.num_replicas_in_sync)
+            total = self.weighting.combine(task_losses, context)
             if self.model.losses:
                 # Regularisers are not per-example: divide by the replica count so that the
                 # cross-replica gradient sum counts them once.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mtl.weighting.base import LossWeighting, Weighting
+from mtl.weighting.base import GradientWeighting, LossWeighting, StepContext, Weighting
 from mtl.weighting.loss_based import Equal
 
 METHODS: dict[str, type[Weighting]] = {
@@ -28,4 +28,5 @@ def get(method: str | Weighting, **options) -> Weighting:
     return cls(**options)
 
 
-__all__ = ["Equal", "LossWeighting", "METHODS", "Weighting", "get"]
+__all__ = ["Equal", "GradientWeighting", "LossWeighting", "METHODS", "StepContext", "Weighting",
+           "get"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from mtl.weighting.base import LossWeighting
+from mtl.weighting.base import LossWeighting, StepContext
 
 
 class Equal(LossWeighting):
@@ -16,5 +16,6 @@ class Equal(LossWeighting):
 
     name = "equal"
 
-    def combine(self, losses: tf.Tensor) -> tf.Tensor:
+    def combine(self, losses: tf.Tensor, context: StepContext | None = None) -> tf.Tensor:
+        del context
         return tf.reduce_sum(self.task_weights * losses)
