@@ -60,9 +60,7 @@ EXPERIMENT = experiment.Experiment(
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    experiment.train_and_evaluate(EXPERIMENT, flags.config_from_flags())
+    experiment.main(EXPERIMENT, argv)
 
 
 if __name__ == "__main__":

@@ -89,6 +89,45 @@ def train_and_evaluate(experiment: Experiment, config: Config) -> dict:
     return results
 
 
+def main(experiment: Experiment, argv: Sequence[str]) -> None:
+    """The `main` of an experiment script: parsed flags -> `train_and_evaluate`.
+
+    Bad input (a flag value, a task name, a dataset) ends the run with its message and exit
+    status 2 instead of a traceback; nothing already saved in the run folder is touched.
+    """
+    from absl import app
+
+    from mtl import flags
+
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {list(argv[1:])}")
+    try:
+        config = flags.config_from_flags()
+    except ValueError as e:
+        _exit_with_error(e)
+    try:
+        train_and_evaluate(experiment, config)
+    except (ValueError, TypeError) as e:
+        if _raised_before_training(e):
+            _exit_with_error(e)
+        raise
+
+
+def _exit_with_error(error: Exception) -> None:
+    import sys
+
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _raised_before_training(error: Exception) -> bool:
+    """True for the input errors mtl raises itself (their messages are meant for the user)."""
+    tb = error.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return "/mtl/" in tb.tb_frame.f_code.co_filename.replace("\\", "/")
+
+
 def format_results_table(results: dict, step: int | None = None) -> str:
     """A plain-text table: one row per task, one column per metric."""
     columns = []

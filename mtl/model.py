@@ -18,14 +18,24 @@ import numpy as np
 import tensorflow as tf
 
 
+def input_structure(model: keras.Model):
+    """The model's symbolic inputs in their structure (a tensor, list or dict)."""
+    functional = getattr(model, "_functional", None) or model  # Sequential wraps a Functional.
+    structure = getattr(functional, "_inputs_struct", None)
+    if structure is None:
+        inputs = getattr(model, "inputs", None)
+        if not inputs:
+            raise ValueError(
+                f"Model {model.name!r} has no defined inputs; build it with a keras.Input (a "
+                "Functional model, or a Sequential whose first layer is keras.Input(shape)).")
+        structure = inputs[0] if len(inputs) == 1 else inputs
+    return structure
+
+
 def _fresh_inputs(model: keras.Model):
     """Symbolic `keras.Input`s with the same structure, shapes and dtypes as `model`'s inputs."""
-    if not model.built or not getattr(model, "inputs", None):
-        raise ValueError(
-            f"Model {model.name!r} has no defined inputs; build it with a keras.Input (a Functional "
-            "model, or a Sequential whose first layer is keras.Input(shape)).")
     return tf.nest.map_structure(
-        lambda t: keras.Input(shape=t.shape[1:], dtype=t.dtype), model.input)
+        lambda t: keras.Input(shape=t.shape[1:], dtype=t.dtype), input_structure(model))
 
 
 class _Refs:

@@ -63,7 +63,9 @@ def check_data(element_spec, tasks: Sequence[Task], model, where: str = "data") 
 
 
 def _check_features(features, model, where: str) -> None:
-    expected = model.input
+    from mtl.model import input_structure
+
+    expected = input_structure(model)
     try:
         tf.nest.assert_same_structure(features, expected, check_types=False)
     except (ValueError, TypeError):

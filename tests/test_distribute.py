@@ -1,0 +1,50 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import mtl
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def test_mirrored_on_two_cpus_matches_one_device():
+    """20 Adam steps with unevenly missing labels: the weights agree to float32 round-off."""
+    run = subprocess.run([sys.executable, os.path.join(HERE, "workers", "mirrored_equivalence.py"),
+                          "20"], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["replicas"] == 2
+    assert result["max_abs_weight"] > 0.1
+    assert result["max_abs_diff"] < 1e-5  # float32 summation order differs between replicas
+    assert result["multi_eval"]["a"]["accuracy"] == pytest.approx(
+        result["single_eval"]["a"]["accuracy"])
+
+
+def test_unknown_strategy():
+    with pytest.raises(ValueError, match=r"Unknown strategy 'horovod'; expected one of"):
+        mtl.distribute.get_strategy("horovod")
+
+
+def test_mirrored_without_gpu_says_so():
+    with pytest.raises(ValueError, match="found no GPU on this machine.*cpu_replicas=N"):
+        mtl.distribute.get_strategy("mirrored")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "needs the TF_CONFIG environment variable"),
+    ("{not json", "TF_CONFIG is not valid JSON"),
+    ('{"task": {"type": "worker", "index": 0}}', "field 'cluster'"),
+    ('{"cluster": {"worker": ["localhost"]}, "task": {"type": "worker", "index": 0}}',
+     "field 'cluster.worker'"),
+    ('{"cluster": {"worker": ["a:1"]}, "task": {"type": "chief", "index": 0}}',
+     "field 'task.type' is 'chief'"),
+    ('{"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 3}}',
+     r"field 'task.index' is 3; expected an int in \[0, 1\)"),
+])
+def test_malformed_tf_config_names_the_field(text, message):
+    with pytest.raises(ValueError, match=message):
+        mtl.distribute.parse_tf_config(text)

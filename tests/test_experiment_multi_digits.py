@@ -1,0 +1,76 @@
+"""End to end: the default experiment as users run it, on a few steps."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mtl import experiment, flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "experiments", "multi_digits.py")
+
+
+def _load_experiment():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("multi_digits_experiment", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.EXPERIMENT
+
+
+def _env():
+    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": ROOT}
+
+
+def test_script_trains_evaluates_and_resumes(tmp_path, digits_data_dir):
+    model_dir = tmp_path / "run"
+    flagfile = tmp_path / "run.flags"
+    flagfile.write_text(f"--model_dir={model_dir}\n--data_dir={digits_data_dir}\n"
+                        "--train_steps=20\n--eval_every=10\n--checkpoint_every=10\n"
+                        "--batch_size=32\n--eval_steps=2\n")
+    run = subprocess.run([sys.executable, SCRIPT, f"--flagfile={flagfile}"], env=_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "Results at step 20:" in run.stdout
+    for task in ("left", "right", "sum"):
+        assert task in run.stdout
+    results = json.loads((model_dir / "results.json").read_text())
+    assert results["step"] == 20 and set(results["results"]) == {"left", "right", "sum"}
+    assert set(results["results"]["left"]) == {"loss", "accuracy"}
+    assert json.loads((model_dir / "config.json").read_text())["train_steps"] == 20
+    assert sorted(p for p in os.listdir(model_dir)) == [
+        "checkpoints", "config.json", "eval", "results.json", "train"]
+
+    # The same command with more steps continues from step 20.
+    again = subprocess.run([sys.executable, SCRIPT, f"--flagfile={flagfile}",
+                            "--train_steps=25"], env=_env(), capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "Restored" in again.stderr and "at step 20" in again.stderr
+    assert "Results at step 25:" in again.stdout
+
+
+def test_bad_flag_value_fails_with_a_message_and_no_traceback(tmp_path):
+    run = subprocess.run([sys.executable, SCRIPT, "--batch_size=0",
+                          f"--model_dir={tmp_path}"], env=_env(), capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 2
+    assert "error: --batch_size must be an int >= 1; got 0" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_single_task_baseline_in_process(tmp_path, digits_data_dir):
+    config = flags.Config(model_dir=str(tmp_path), data_dir=digits_data_dir, train_steps=4,
+                          eval_every=4, checkpoint_every=4, batch_size=16, eval_steps=1,
+                          tasks=("left",))
+    results = experiment.train_and_evaluate(_load_experiment(), config)
+    assert set(results) == {"left"}
+    with pytest.raises(ValueError, match=r"--tasks names 'middle', which this experiment does "
+                                         r"not have; its tasks are \['left', 'right', 'sum'\]"):
+        experiment.train_and_evaluate(
+            _load_experiment(), flags.Config(model_dir=str(tmp_path / "x"), tasks=("middle",),
+                                             data_dir=digits_data_dir))

@@ -1,0 +1,54 @@
+"""Trains one small model on one device and on 2 mirrored logical CPUs; prints the max weight
+difference as JSON. Run as a subprocess: logical devices must be set before TF initialises."""
+
+import json
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import mtl  # noqa: E402
+
+
+def build_and_train(strategy, data, steps, weighting="equal"):
+    keras.utils.set_random_seed(0)
+    with strategy.scope():
+        backbone = mtl.backbones.mlp((6,), widths=(16,), dropout=0.0)
+        model = mtl.MultiTaskModel(backbone, {"a": mtl.heads.classification(3),
+                                              "b": mtl.heads.regression(1)})
+        tasks = [mtl.Task("a", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                          metrics=["accuracy"]),
+                 mtl.Task("b", loss="mse", weight=0.5)]
+        trainer = mtl.Trainer(model, tasks, optimizer=keras.optimizers.Adam(0.01),
+                              weighting=weighting, strategy=strategy)
+    trainer.fit(data, steps=steps)
+    return [v.numpy() for v in model.weights], trainer.evaluate(data.take(3))
+
+
+def main():
+    steps = int(sys.argv[1]) if len(sys.argv) > 1 else 20
+    mirrored = mtl.distribute.get_strategy("mirrored", cpu_replicas=2)
+    rng = np.random.RandomState(0)
+    n = 64
+    x = rng.randn(n, 6).astype(np.float32)
+    labels = {"a": (x[:, 0] > 0).astype(np.int64), "b": x[:, 1:2] * 3.0}
+    # Labels missing unevenly: the first half of every batch lacks a's label more often, so
+    # each replica sees a different number of labelled examples.
+    weights = {"a": (rng.rand(n) > np.linspace(0.8, 0.1, n)).astype(np.float32)}
+    data = tf.data.Dataset.from_tensor_slices((x, labels, weights)).batch(
+        16, drop_remainder=True).repeat()
+    single, single_eval = build_and_train(tf.distribute.OneDeviceStrategy("/cpu:0"), data, steps)
+    multi, multi_eval = build_and_train(mirrored, data, steps)
+    diff = max(float(np.max(np.abs(a - b))) for a, b in zip(single, multi))
+    moved = max(float(np.max(np.abs(a))) for a in single)
+    print(json.dumps({"max_abs_diff": diff, "max_abs_weight": moved,
+                      "replicas": mirrored.num_replicas_in_sync,
+                      "single_eval": single_eval, "multi_eval": multi_eval}))
+
+
+if __name__ == "__main__":
+    main()
