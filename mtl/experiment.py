@@ -15,7 +15,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from mtl import distribute, optimizers
+from mtl import distribute, optimizers, progress
 from mtl.flags import Config
 from mtl.tasks import Task
 from mtl.trainer import Trainer
@@ -101,6 +101,7 @@ def main(experiment: Experiment, argv: Sequence[str]) -> None:
 
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {list(argv[1:])}")
+    progress.quiet_library_info()
     try:
         config = flags.config_from_flags()
     except ValueError as e:
