@@ -130,26 +130,21 @@ class StepFunctions:
         # Keras 3 sums the per-replica gradients across replicas inside apply_gradients.
         self.optimizer.apply_gradients(pairs)
         update_metrics(self.tasks, self.train_metrics, outputs, labels, sample_weights)
-        num_examples = tf.shape(tf.nest.flatten(features)[0])[0]
-        return task_losses, total, num_examples
+        num_examples = tf.cast(tf.shape(tf.nest.flatten(features)[0])[0], tf.float32)
+        # One vector, so the loop needs one cross-replica reduction per step.
+        return tf.concat([task_losses, [total, num_examples]], axis=0)
 
     def _train_loop(self, iterator, num_steps: tf.Tensor):
         """Runs `num_steps` train steps in one call; returns the mean task losses, total loss and
         the number of examples seen (all summed over replicas)."""
         num_tasks = len(self.tasks)
-        loss_sum = tf.zeros([num_tasks], tf.float32)
-        total_sum = tf.constant(0.0, tf.float32)
-        examples = tf.constant(0, tf.int32)
+        sums = tf.zeros([num_tasks + 2], tf.float32)  # task losses, total loss, examples
         for _ in tf.range(num_steps):
             per_replica = self.strategy.run(self._replica_train_step, args=(next(iterator),))
-            task_losses, total, num_examples = self.strategy.reduce(
-                tf.distribute.ReduceOp.SUM, per_replica, axis=None)
-            loss_sum += task_losses
-            total_sum += total
-            examples += num_examples
+            sums += self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
             self.step.assign_add(1)
         steps = tf.cast(tf.maximum(num_steps, 1), tf.float32)
-        return loss_sum / steps, total_sum / steps, examples
+        return sums[:num_tasks] / steps, sums[num_tasks] / steps, sums[num_tasks + 1]
 
     def _replica_eval_step(self, batch):
         features, labels, sample_weights = unpack_batch(batch)

@@ -8,8 +8,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import shutil
+import tempfile
 import time
-from typing import Sequence
+from typing import Callable, Sequence, Union
 
 import keras
 import numpy as np
@@ -21,6 +23,12 @@ from mtl import weighting as weighting_lib
 from mtl.model import MultiTaskModel
 from mtl.step import StepFunctions
 from mtl.tasks import Task
+
+
+#: What `fit` and `evaluate` take: a dataset of *global* batches, or a function
+#: `(tf.distribute.InputContext) -> dataset of per-replica batches` for
+#: `strategy.distribute_datasets_from_function` (each input pipeline reads its own shard).
+Data = Union[tf.data.Dataset, Callable[[tf.distribute.InputContext], tf.data.Dataset]]
 
 
 @dataclasses.dataclass
@@ -163,23 +171,23 @@ class Trainer:
         return int(self.step.numpy())
 
     # ------------------------------------------------------------------------------- training
-    def fit(self, data: tf.data.Dataset, steps: int, *, eval_data: tf.data.Dataset | None = None,
+    def fit(self, data: Data, steps: int, *, eval_data: Data | None = None,
             eval_every: int | None = None, eval_steps: int | None = None) -> History:
         """Trains until the global step reaches `steps` (a resumed run continues from its saved
         step), evaluating every `eval_every` steps and at the end when `eval_data` is given.
 
-        `data` yields global batches of (features, labels[, sample_weights]); it should repeat
-        (steps, not epochs, decide when training ends).
+        `data` yields global batches of (features, labels[, sample_weights]), or is a function
+        `(InputContext) -> per-replica batches` (the way to shard input across workers); it should
+        repeat (steps, not epochs, decide when training ends).
         """
         if not isinstance(steps, int) or steps < 0:
             raise ValueError(f"steps must be an int >= 0 (the global step to train to); got "
                              f"{steps!r}.")
         if eval_every is not None and (not isinstance(eval_every, int) or eval_every < 1):
             raise ValueError(f"eval_every must be None or an int >= 1; got {eval_every!r}.")
-        validation.check_data(data.element_spec, self.tasks, self.model, where="train data")
+        self._check_data(data, "train data")
         if eval_data is not None:
-            validation.check_data(eval_data.element_spec, self.tasks, self.model,
-                                  where="eval data")
+            self._check_data(eval_data, "eval data")
         history = History()
         start = self.global_step
         if start >= steps:
@@ -224,7 +232,28 @@ class Trainer:
                     self.save()
         return history
 
-    def _distribute(self, data: tf.data.Dataset):
+    def _check_data(self, data: Data, where: str) -> None:
+        """Checks structure, shapes and batch split before any graph is built."""
+        replicas = self.strategy.num_replicas_in_sync
+        if isinstance(data, tf.data.Dataset):
+            spec = data.element_spec
+            batch = tf.nest.flatten(spec)[0].shape[0] if isinstance(spec, tuple) else None
+            if batch is not None and batch % replicas:
+                raise ValueError(
+                    f"{where}: the global batch size {batch} cannot be split evenly over "
+                    f"{replicas} replicas; use a multiple of {replicas}.")
+        elif callable(data):
+            context = tf.distribute.InputContext(num_input_pipelines=1, input_pipeline_id=0,
+                                                 num_replicas_in_sync=replicas)
+            spec = data(context).element_spec
+        else:
+            raise TypeError(f"{where} must be a tf.data.Dataset or a function (InputContext) -> "
+                            f"tf.data.Dataset; got {type(data).__name__}.")
+        validation.check_data(spec, self.tasks, self.model, where=where)
+
+    def _distribute(self, data: Data):
+        if not isinstance(data, tf.data.Dataset):
+            return self.strategy.distribute_datasets_from_function(data)
         if self.strategy.num_replicas_in_sync == 1:
             return data
         return self.strategy.experimental_distribute_dataset(data)
@@ -244,18 +273,21 @@ class Trainer:
         return record
 
     # ----------------------------------------------------------------------------- evaluation
-    def evaluate(self, data: tf.data.Dataset, steps: int | None = None) -> dict:
+    def evaluate(self, data: Data, steps: int | None = None) -> dict:
         """Returns `{task: {"loss": ..., metric_name: ...}}` over `data` (or its first `steps`
         batches). A task's loss and metrics count only the examples that carry its label."""
-        validation.check_data(data.element_spec, self.tasks, self.model, where="eval data")
-        if steps is None and data.cardinality() == tf.data.INFINITE_CARDINALITY:
+        self._check_data(data, "eval data")
+        if steps is None and isinstance(data, tf.data.Dataset) and \
+                data.cardinality() == tf.data.INFINITE_CARDINALITY:
             raise ValueError("evaluate: the eval data repeats forever; pass steps= or give a "
                              "finite dataset.")
         for metric in self._all_eval_metrics():
             metric.reset_state()
-        if steps is not None:
+        if steps is not None and isinstance(data, tf.data.Dataset):
             data = data.take(steps)
-        for batch in self._distribute(data):
+        for i, batch in enumerate(self._distribute(data)):
+            if steps is not None and i >= steps:
+                break
             self._steps.eval_step(batch)
         results = {}
         for task in self.tasks:
@@ -274,12 +306,25 @@ class Trainer:
 
     # ---------------------------------------------------------------------- checkpoints & logs
     def save(self) -> str | None:
-        """Writes a checkpoint at the current step (chief only); returns its path."""
-        if self._manager is None or not self.is_chief:
+        """Writes a checkpoint at the current step; returns its path (None off the chief).
+
+        Under multi-worker training every worker must take part in saving; only the chief
+        writes to `model_dir`, the others to a temporary folder removed right after (the
+        documented `tf.distribute` pattern).
+        """
+        if self._manager is None:
             return None
-        path = self._manager.save(checkpoint_number=self.global_step)
-        logging.info("Saved checkpoint %s", path)
-        return path
+        if self.is_chief:
+            path = self._manager.save(checkpoint_number=self.global_step)
+            logging.info("Saved checkpoint %s", path)
+            return path
+        scratch = tempfile.mkdtemp(prefix="mtl_worker_checkpoint_")
+        try:
+            tf.train.CheckpointManager(self.checkpoint, scratch, max_to_keep=1).save(
+                checkpoint_number=self.global_step)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return None
 
     def restore(self) -> int:
         """Restores the latest checkpoint in `model_dir`, if any; returns the step it holds."""
