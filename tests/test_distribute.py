@@ -20,6 +20,9 @@ def test_mirrored_on_two_cpus_matches_one_device():
     assert result["replicas"] == 2
     assert result["max_abs_weight"] > 0.1
     assert result["max_abs_diff"] < 1e-5  # float32 summation order differs between replicas
+    # The same through distribute_datasets_from_function (per-replica batches).
+    assert result["fn_max_abs_diff"] < 1e-5
+    assert "global batch size 15 cannot be split evenly over 2 replicas" in result["split_error"]
     assert result["multi_eval"]["a"]["accuracy"] == pytest.approx(
         result["single_eval"]["a"]["accuracy"])
 
@@ -48,3 +51,8 @@ def test_mirrored_without_gpu_says_so():
 def test_malformed_tf_config_names_the_field(text, message):
     with pytest.raises(ValueError, match=message):
         mtl.distribute.parse_tf_config(text)
+
+
+def test_tpu_without_a_tpu_says_so():
+    with pytest.raises(RuntimeError, match="strategy 'tpu': no TPU found"):
+        mtl.distribute.get_strategy("tpu")

@@ -26,7 +26,8 @@ def build_and_train(strategy, data, steps, weighting="equal"):
         trainer = mtl.Trainer(model, tasks, optimizer=keras.optimizers.Adam(0.01),
                               weighting=weighting, strategy=strategy)
     trainer.fit(data, steps=steps)
-    return [v.numpy() for v in model.weights], trainer.evaluate(data.take(3))
+    eval_data = data.take(3) if isinstance(data, tf.data.Dataset) else None
+    return [v.numpy() for v in model.weights], (trainer.evaluate(eval_data) if eval_data else None)
 
 
 def main():
@@ -41,12 +42,26 @@ def main():
     weights = {"a": (rng.rand(n) > np.linspace(0.8, 0.1, n)).astype(np.float32)}
     data = tf.data.Dataset.from_tensor_slices((x, labels, weights)).batch(
         16, drop_remainder=True).repeat()
+    examples = tf.data.Dataset.from_tensor_slices((x, labels, weights))
+
+    def data_fn(context):  # per-replica batches, as distribute_datasets_from_function wants
+        per_replica = context.get_per_replica_batch_size(16)
+        return examples.shard(context.num_input_pipelines, context.input_pipeline_id).batch(
+            per_replica, drop_remainder=True).repeat()
+
     single, single_eval = build_and_train(tf.distribute.OneDeviceStrategy("/cpu:0"), data, steps)
     multi, multi_eval = build_and_train(mirrored, data, steps)
+    from_fn, _ = build_and_train(mirrored, data_fn, steps)
     diff = max(float(np.max(np.abs(a - b))) for a, b in zip(single, multi))
+    fn_diff = max(float(np.max(np.abs(a - b))) for a, b in zip(single, from_fn))
     moved = max(float(np.max(np.abs(a))) for a in single)
-    print(json.dumps({"max_abs_diff": diff, "max_abs_weight": moved,
-                      "replicas": mirrored.num_replicas_in_sync,
+    try:
+        build_and_train(mirrored, examples.batch(15, drop_remainder=True).repeat(), 1)
+        split_error = ""
+    except ValueError as e:
+        split_error = str(e)
+    print(json.dumps({"max_abs_diff": diff, "fn_max_abs_diff": fn_diff, "max_abs_weight": moved,
+                      "replicas": mirrored.num_replicas_in_sync, "split_error": split_error,
                       "single_eval": single_eval, "multi_eval": multi_eval}))
 
 
