@@ -21,7 +21,7 @@ from absl import logging
 from mtl import progress, validation
 from mtl import weighting as weighting_lib
 from mtl.model import MultiTaskModel
-from mtl.step import StepFunctions
+from mtl.step import LossScale, StepFunctions
 from mtl.tasks import Task
 
 
@@ -92,16 +92,24 @@ class Trainer:
                  weighting="equal", model_dir: str | None = None,
                  strategy: tf.distribute.Strategy | None = None, steps_per_loop: int = 1,
                  log_every: int = 100, checkpoint_every: int | None = 1000,
-                 max_to_keep: int = 3):
+                 max_to_keep: int = 3, grad_accum_steps: int = 1, jit_compile: bool = False,
+                 on_nonfinite: str = "stop", gradient_mode: str = "exact"):
         tasks = list(tasks)
         for task in tasks:
             if not isinstance(task, Task):
                 raise TypeError(f"tasks must be mtl.Task objects; got {task!r}.")
         task_names = getattr(model, "task_names", None) or list(model.output)
         validation.check_tasks_match_heads(tasks, task_names)
-        for name, value in (("steps_per_loop", steps_per_loop), ("log_every", log_every)):
-            if not isinstance(value, int) or value < 1:
+        for name, value in (("steps_per_loop", steps_per_loop), ("log_every", log_every),
+                            ("grad_accum_steps", grad_accum_steps), ("max_to_keep", max_to_keep)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1; got {value!r}.")
+        if on_nonfinite not in ON_NONFINITE:
+            raise ValueError(f"on_nonfinite must be one of {list(ON_NONFINITE)}; got "
+                             f"{on_nonfinite!r}.")
+        if gradient_mode not in GRADIENT_MODES:
+            raise ValueError(f"gradient_mode must be one of {list(GRADIENT_MODES)}; got "
+                             f"{gradient_mode!r}.")
         if checkpoint_every is not None and (not isinstance(checkpoint_every, int)
                                              or checkpoint_every < 1):
             raise ValueError(f"checkpoint_every must be None or an int >= 1; got "
@@ -113,7 +121,10 @@ class Trainer:
         self.tasks = [by_name[name] for name in task_names]
         self.optimizer = _get_optimizer(optimizer)
         self.weighting = weighting_lib.get(weighting)
+        _check_gradient_mode(self.weighting, gradient_mode)
         self.model_dir = model_dir
+        self.on_nonfinite = on_nonfinite
+        self.grad_accum_steps = grad_accum_steps
         self.steps_per_loop = steps_per_loop
         self.log_every = log_every
         self.checkpoint_every = checkpoint_every
@@ -130,15 +141,25 @@ class Trainer:
             self.train_metrics = {t.name: t.build_metrics() for t in self.tasks}
             self.eval_metrics = {t.name: t.build_metrics() for t in self.tasks}
             self.eval_losses = {t.name: keras.metrics.Mean(name="loss") for t in self.tasks}
+            self.skipped_steps = tf.Variable(0, dtype=tf.int64, trainable=False,
+                                             name="skipped_steps")
+            # float16 compute needs loss scaling; bfloat16 and float32 do not.
+            self.loss_scale = LossScale() if _computes_in_float16(model) else None
         self._steps = StepFunctions(
             model=model, tasks=self.tasks, weighting=self.weighting, optimizer=self.optimizer,
             strategy=self.strategy, variables=self.variables, train_metrics=self.train_metrics,
-            eval_metrics=self.eval_metrics, eval_losses=self.eval_losses, step=self.step)
+            eval_metrics=self.eval_metrics, eval_losses=self.eval_losses, step=self.step,
+            shared_variables=shared_variables(model, [t.name for t in self.tasks]),
+            grad_accum_steps=grad_accum_steps, jit_compile=jit_compile,
+            loss_scale=self.loss_scale, on_nonfinite=on_nonfinite,
+            skipped_steps=self.skipped_steps, gradient_mode=gradient_mode)
+        extra = {"loss_scale": self.loss_scale} if self.loss_scale is not None else {}
         self.checkpoint = tf.train.Checkpoint(
             model=model, optimizer=self.optimizer, step=self.step, weighting=self.weighting,
+            skipped_steps=self.skipped_steps,
             # Dropout's RNG state lives in SeedGenerator variables that checkpointing the model
             # does not reach; saving them makes a resumed run draw the same masks.
-            seed_states=_seed_states(model))
+            seed_states=_seed_states(model), **extra)
         self._manager = None
         self._writers = {}
         if model_dir:
@@ -204,8 +225,10 @@ class Trainer:
                 # Run up to the next step where something happens outside the compiled loop.
                 next_stop = min([steps] + [(step // b + 1) * b for b in boundaries])
                 n = min(self.steps_per_loop, next_stop - step)
-                task_losses, total, num_examples = self._steps.train_loop(
+                task_losses, total, num_examples, steps_run, last = self._steps.train_loop(
                     iterator, tf.constant(n, tf.int32))
+                if int(steps_run) < n:
+                    self._raise_nonfinite(last.numpy())
                 task_losses = task_losses.numpy() * n
                 loss_sum = task_losses if loss_sum is None else loss_sum + task_losses
                 total_sum += float(total) * n
@@ -231,6 +254,19 @@ class Trainer:
                 if self.checkpoint_every and step % self.checkpoint_every == 0 or step == steps:
                     self.save()
         return history
+
+    def _raise_nonfinite(self, stats: np.ndarray) -> None:
+        """Stops training on a non-finite loss or gradient (the bad update was not applied)."""
+        losses = stats[:len(self.tasks)]
+        bad = [t.name for t, v in zip(self.tasks, losses) if not np.isfinite(v)]
+        what = (f"non-finite loss in task(s) {bad}" if bad else
+                "non-finite gradient (task losses were finite: "
+                + ", ".join(f"{t.name}={v:.4g}" for t, v in zip(self.tasks, losses)) + ")")
+        latest = self._manager.latest_checkpoint if self._manager else None
+        raise NonFiniteError(
+            f"Training stopped at step {self.global_step + 1}: {what}; the update was not "
+            f"applied. Last good checkpoint: {latest or 'none'}. Use on_nonfinite='skip' "
+            "(--on_nonfinite=skip) to drop such steps instead.")
 
     def _check_data(self, data: Data, where: str) -> None:
         """Checks structure, shapes and batch split before any graph is built."""
@@ -266,6 +302,9 @@ class Trainer:
                 record[f"{task.name}/{metric.name}"] = float(metric.result())
                 metric.reset_state()
         record["learning_rate"] = _learning_rate(self.optimizer)
+        record["skipped_steps"] = int(self.skipped_steps.numpy())
+        if self.loss_scale is not None:
+            record["loss_scale"] = float(self.loss_scale.scale.numpy())
         record["examples_per_sec"] = float(examples_per_sec)
         record["steps_per_sec"] = float(steps_per_sec)
         self._write_summaries("train", step, {
@@ -344,6 +383,43 @@ class Trainer:
             for name, value in scalars.items():
                 tf.summary.scalar(name, value)
         self._writers[split].flush()
+
+
+ON_NONFINITE = ("stop", "skip")
+GRADIENT_MODES = ("exact", "rep")
+
+
+class NonFiniteError(FloatingPointError):
+    """A task loss or gradient became NaN or inf; raised before the bad update is applied."""
+
+
+def _check_gradient_mode(method, mode: str) -> None:
+    if not isinstance(method, weighting_lib.GradientWeighting):
+        if mode != "exact":
+            raise ValueError(f"gradient_mode={mode!r} applies to gradient-based weighting "
+                             f"methods; {method.name!r} is loss-based.")
+        return
+    if mode == "rep" and not method.uses_gramian:
+        raise ValueError(f"gradient_mode='rep' needs a method that works from the Gramian of "
+                         f"task gradients; {method.name!r} needs the full per-parameter "
+                         "gradients. Use gradient_mode='exact'.")
+
+
+def shared_variables(model, task_names) -> list:
+    """Trainable variables that more than one task's output depends on (by layer use)."""
+    users: dict[int, int] = {}
+    task_model = getattr(model, "task_model", None)
+    if task_model is None:
+        return []
+    for name in task_names:
+        for v in task_model(name).trainable_variables:
+            users[id(v)] = users.get(id(v), 0) + 1
+    return [v for v in model.trainable_variables if users.get(id(v), 0) > 1]
+
+
+def _computes_in_float16(model) -> bool:
+    return any(getattr(layer, "compute_dtype", None) == "float16"
+               for layer in model._flatten_layers(include_self=True, recursive=True))
 
 
 def _unique(variables):

@@ -23,6 +23,11 @@ def test_mirrored_on_two_cpus_matches_one_device():
     # The same through distribute_datasets_from_function (per-replica batches).
     assert result["fn_max_abs_diff"] < 1e-5
     assert "global batch size 15 cannot be split evenly over 2 replicas" in result["split_error"]
+    # Accumulating 2 micro-batches per replica equals the 16-example step.
+    assert result["accum_max_abs_diff"] < 1e-5
+    # An overflow on the second replica only still skips the step everywhere.
+    assert result["fp16_finite"] and result["fp16_skipped"] == 1
+    assert result["fp16_scale"] == 2.0 ** 14
     assert result["multi_eval"]["a"]["accuracy"] == pytest.approx(
         result["single_eval"]["a"]["accuracy"])
 

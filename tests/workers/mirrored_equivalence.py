@@ -14,7 +14,7 @@ import tensorflow as tf  # noqa: E402
 import mtl  # noqa: E402
 
 
-def build_and_train(strategy, data, steps, weighting="equal"):
+def build_and_train(strategy, data, steps, weighting="equal", **trainer_args):
     keras.utils.set_random_seed(0)
     with strategy.scope():
         backbone = mtl.backbones.mlp((6,), widths=(16,), dropout=0.0)
@@ -24,9 +24,11 @@ def build_and_train(strategy, data, steps, weighting="equal"):
                           metrics=["accuracy"]),
                  mtl.Task("b", loss="mse", weight=0.5)]
         trainer = mtl.Trainer(model, tasks, optimizer=keras.optimizers.Adam(0.01),
-                              weighting=weighting, strategy=strategy)
+                              weighting=weighting, strategy=strategy, **trainer_args)
     trainer.fit(data, steps=steps)
     eval_data = data.take(3) if isinstance(data, tf.data.Dataset) else None
+    if trainer_args:
+        return [v.numpy() for v in model.weights], trainer
     return [v.numpy() for v in model.weights], (trainer.evaluate(eval_data) if eval_data else None)
 
 
@@ -60,7 +62,26 @@ def main():
         split_error = ""
     except ValueError as e:
         split_error = str(e)
-    print(json.dumps({"max_abs_diff": diff, "fn_max_abs_diff": fn_diff, "max_abs_weight": moved,
+    # Gradient accumulation under mirrored: 2 micro-batches of 8 == one step on 16.
+    # (Missing labels included: the normaliser counts the labels of all micro-batches.)
+    accumulated, _ = build_and_train(
+        mirrored, examples.batch(8, drop_remainder=True).repeat(), steps, grad_accum_steps=2)
+    accum_diff = max(float(np.max(np.abs(a - b))) for a, b in zip(single, accumulated))
+    # float16: only replica 1 overflows (its half of the batch has a huge label).
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        huge = {k: v.copy() for k, v in labels.items()}
+        huge["b"][12] = 3e4
+        data16 = tf.data.Dataset.from_tensor_slices((x, huge)).batch(16, drop_remainder=True)
+        fp16_weights, fp16_trainer = build_and_train(mirrored, data16.take(1), 1,
+                                                     on_nonfinite="stop")
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    print(json.dumps({"accum_max_abs_diff": accum_diff,
+                      "fp16_finite": all(bool(np.all(np.isfinite(w))) for w in fp16_weights),
+                      "fp16_scale": float(fp16_trainer.loss_scale.scale.numpy()),
+                      "fp16_skipped": int(fp16_trainer.skipped_steps.numpy()),
+                      "max_abs_diff": diff, "fn_max_abs_diff": fn_diff, "max_abs_weight": moved,
                       "replicas": mirrored.num_replicas_in_sync, "split_error": split_error,
                       "single_eval": single_eval, "multi_eval": multi_eval}))
 
