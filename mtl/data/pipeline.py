@@ -1,8 +1,33 @@
-"""Input pipeline parts shared by every dataset: shuffle, repeat, batch, prefetch."""
+"""Input pipeline parts shared by every dataset.
+
+Loading from TFDS with errors that say what to do (`load_tfds`), split and task checks, image
+helpers (normalise, resize, seeded augmentation), and the order every dataset module follows:
+
+    TFDS examples -> to_example (select labels, small uint8 image)
+      -> cache (when it fits) -> shuffle (seeded, train) -> augment (seeded, train)
+      -> preprocess (float32, normalised)                      = `prepare_examples`: one epoch
+      -> repeat (train) -> batch (drop_remainder for training) -> prefetch = `batch_examples`
+
+Caching comes before augmentation and normalisation so that the cache holds compact uint8 images
+and every epoch draws fresh augmentations. Random augmentation uses stateless ops whose seeds come
+from `tf.data.Dataset.random(seed)`, so a seeded pipeline gives the same batches every run (and
+under XLA, which ignores the seeds of stateful random ops).
+"""
 
 from __future__ import annotations
 
+import re
+from typing import Callable, Sequence
+
 import tensorflow as tf
+import tensorflow_datasets as tfds
+
+
+class DatasetUnavailableError(ValueError):
+    """A TFDS dataset is not prepared in the data folder and could not be downloaded.
+
+    A ValueError, as other bad input: an experiment's `main` ends with its message.
+    """
 
 
 def check_batch_size(batch_size) -> int:
@@ -11,8 +36,190 @@ def check_batch_size(batch_size) -> int:
     return batch_size
 
 
+# --------------------------------------------------------------------------------- checks
+_SPLIT_PART = re.compile(r"^\s*([A-Za-z_][\w-]*)\s*(\[[^\]]*\])?\s*$")
+
+
+def split_names(split: str) -> list[str]:
+    """The base split names in a TFDS split string: `"train[:90%]+test"` -> `["train", "test"]`."""
+    if not isinstance(split, str) or not split.strip():
+        raise ValueError(f"split must be a TFDS split string such as 'train' or 'train[:90%]'; "
+                         f"got {split!r}.")
+    names = []
+    for part in split.split("+"):
+        match = _SPLIT_PART.match(part)
+        if not match:
+            raise ValueError(f"split {split!r} is not a TFDS split string; expected names such "
+                             "as 'train', optionally sliced ('train[:90%]', 'test[10:20]') and "
+                             "joined with '+'.")
+        names.append(match.group(1))
+    return names
+
+
+def check_split(dataset: str, split: str, splits: Sequence[str]) -> str:
+    """Raises a ValueError naming the dataset's splits when `split` uses another one."""
+    for name in split_names(split):
+        if name not in splits:
+            raise ValueError(f"{dataset} has no split {name!r} (in split={split!r}); its splits "
+                             f"are {list(splits)} (slices such as 'train[:90%]' work too).")
+    return split
+
+
+def check_tasks(dataset: str, tasks, available: Sequence[str]) -> tuple[str, ...]:
+    """The requested task names as a tuple; a ValueError names the dataset's tasks otherwise."""
+    if isinstance(tasks, str) or not isinstance(tasks, Sequence) or not tasks:
+        raise ValueError(f"{dataset}: tasks must be a non-empty list of task names, a subset of "
+                         f"{list(available)}; got {tasks!r}.")
+    for task in tasks:
+        if task not in available:
+            raise ValueError(f"{dataset} has no task {task!r}; its tasks are {list(available)}.")
+    duplicates = sorted({t for t in tasks if list(tasks).count(t) > 1})
+    if duplicates:
+        raise ValueError(f"{dataset}: task {duplicates[0]!r} is requested more than once in "
+                         f"{list(tasks)}.")
+    return tuple(tasks)
+
+
+# ------------------------------------------------------------------------------- loading
+def load_tfds(name: str, split: str, *, data_dir: str | None = None, shuffle_files: bool = False,
+              seed: int | None = None, download: bool = True,
+              how_to_provide: str = "") -> tf.data.Dataset:
+    """`tfds` examples (feature dicts) of `name`/`split`, downloading and preparing when needed.
+
+    When the dataset is not in `data_dir` and cannot be downloaded (no network, a quota, a
+    checksum), raises `DatasetUnavailableError` saying which dataset, which folder and how to
+    provide it, instead of the downloader's long trace. `download=False` fails at once when the
+    dataset is not prepared (TFDS's downloader retries for minutes without network).
+    `how_to_provide` is added to that message (e.g. the manual-download steps of a dataset), with
+    `{data_dir}` replaced by the data folder.
+    `shuffle_files` with `seed` reads the files in a seeded order (for training).
+    """
+    builder = tfds.builder(name, data_dir=data_dir)
+    if download:
+        try:
+            builder.download_and_prepare()
+        except Exception as error:  # noqa: BLE001  Any failure here means "data not available".
+            raise DatasetUnavailableError(
+                _unavailable_message(builder, name, error, how_to_provide, download)) from None
+    read_config = tfds.ReadConfig(shuffle_seed=seed) if shuffle_files else None
+    try:
+        return builder.as_dataset(split=split, shuffle_files=shuffle_files,
+                                  read_config=read_config)
+    except AssertionError as error:  # TFDS asserts that the data was prepared.
+        raise DatasetUnavailableError(
+            _unavailable_message(builder, name, error, how_to_provide, download)) from None
+
+
+def _unavailable_message(builder, name: str, error: Exception, how_to_provide: str,
+                         download: bool) -> str:
+    data_dir = str(builder.data_dir_root)
+    cause = " ".join(str(error).split())
+    if len(cause) > 300:
+        cause = cause[:300] + " ..."
+    what = "could not be downloaded" if download else "download=False was given"
+    lines = [
+        f"Dataset {name!r} is not prepared in data_dir {data_dir!r} and {what} "
+        f"({type(error).__name__}: {cause}).",
+        "To provide it, on a machine with network access run",
+        f"    python -c \"import tensorflow_datasets as tfds; "
+        f"tfds.builder('{name}', data_dir='DIR').download_and_prepare()\"",
+        f"(or `tfds build {name} --data_dir=DIR`), then copy DIR/{name} to "
+        f"{data_dir}/{name} on this machine, or point --data_dir (TFDS_DATA_DIR) at a folder "
+        "that holds it.",
+    ]
+    if how_to_provide:
+        lines.append(how_to_provide.strip().replace("{data_dir}", data_dir))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------- images
+def to_float_image(image: tf.Tensor) -> tf.Tensor:
+    """uint8 [.., H, W, C] in 0..255 -> float32 in [0, 1] (float input is only cast)."""
+    if image.dtype == tf.uint8:
+        return tf.cast(image, tf.float32) / 255.0
+    return tf.cast(image, tf.float32)
+
+
+def standardize(image: tf.Tensor, mean: Sequence[float], std: Sequence[float]) -> tf.Tensor:
+    """(image in [0, 1] - mean) / std, per channel; float32."""
+    mean = tf.constant(mean, tf.float32)
+    std = tf.constant(std, tf.float32)
+    return (to_float_image(image) - mean) / std
+
+
+def resize_uint8(image: tf.Tensor, size: Sequence[int]) -> tf.Tensor:
+    """Resizes a uint8 image to `size` (height, width), antialiased, and keeps it uint8 (compact
+    to cache)."""
+    resized = tf.image.resize(tf.cast(image, tf.float32), size, antialias=True)
+    return tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
+
+
+def random_flip(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    """Left-right flip with probability 1/2 (stateless; `seed` int [2])."""
+    return tf.image.stateless_random_flip_left_right(image, seed=seed)
+
+
+def random_crop_with_padding(image: tf.Tensor, seed: tf.Tensor, padding: int = 4) -> tf.Tensor:
+    """Zero-pads `padding` pixels on each side and crops back to the original size at a random
+    offset (the standard CIFAR augmentation; stateless, `seed` int [2])."""
+    height, width = image.shape[-3], image.shape[-2]
+    padded = tf.image.pad_to_bounding_box(image, padding, padding, height + 2 * padding,
+                                          width + 2 * padding)
+    return tf.image.stateless_random_crop(padded, tf.shape(image), seed=seed)
+
+
+def flip_and_crop(image: tf.Tensor, seed: tf.Tensor, padding: int = 4) -> tf.Tensor:
+    """`random_crop_with_padding` then `random_flip`, with independent seeds derived from one."""
+    seeds = tf.random.experimental.stateless_split(seed, 2)
+    return random_flip(random_crop_with_padding(image, seeds[0], padding), seeds[1])
+
+
+def on_features(fn: Callable) -> Callable:
+    """Lifts `fn(features, seed) -> features` to `(element, seed) -> element` for `augment`."""
+    def apply(element, seed):
+        return (fn(element[0], seed), *element[1:])
+    return apply
+
+
+# -------------------------------------------------------------------------------- pipeline
+def prepare_examples(ds: tf.data.Dataset, *, training: bool, seed: int | None = None,
+                     cache: bool = True, shuffle_buffer: int = 10_000,
+                     augment: Callable | None = None, preprocess: Callable | None = None
+                     ) -> tf.data.Dataset:
+    """Examples -> one epoch of ready, unbatched examples (what `mtl.data.mix` takes).
+
+    `ds` yields `(features, labels)` examples (uint8 images are fine). Training: cached, then
+    shuffled with `seed` (a new order each epoch when repeated), then `augment(element, seed)`
+    with a stateless seed int64 [2] per example (fresh per epoch, reproducible from `seed`).
+    Always: `preprocess(element) -> element` last (e.g. uint8 -> float32). Not repeated.
+    """
+    if cache:
+        ds = ds.cache()
+    if training:
+        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+        if augment is not None:
+            seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+            ds = tf.data.Dataset.zip((ds, seeds)).map(augment,
+                                                      num_parallel_calls=tf.data.AUTOTUNE)
+    if preprocess is not None:
+        ds = ds.map(lambda *element: preprocess(element), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds
+
+
+def batch_examples(ds: tf.data.Dataset, *, batch_size: int, training: bool) -> tf.data.Dataset:
+    """Training: repeat forever and batch with `drop_remainder=True` (equal per-replica batches;
+    a compiled or XLA step never retraces on a ragged last batch). Eval: one pass, the last batch
+    may be smaller. Prefetched either way."""
+    check_batch_size(batch_size)
+    if training:
+        ds = ds.repeat()
+    return ds.batch(batch_size, drop_remainder=training).prefetch(tf.data.AUTOTUNE)
+
+
 def train_pipeline(ds: tf.data.Dataset, *, batch_size: int, seed: int | None = None,
-                   shuffle_buffer: int = 10_000, cache: bool = True) -> tf.data.Dataset:
+                   shuffle_buffer: int = 10_000, cache: bool = True,
+                   augment: Callable | None = None, preprocess: Callable | None = None
+                   ) -> tf.data.Dataset:
     """Examples -> endless shuffled batches of `batch_size`.
 
     `drop_remainder=True` keeps every batch the same size: per-replica batches stay equal under
@@ -20,16 +227,14 @@ def train_pipeline(ds: tf.data.Dataset, *, batch_size: int, seed: int | None = N
     is seeded and reshuffles each epoch, so a seeded run sees the same order every time.
     """
     check_batch_size(batch_size)
-    if cache:
-        ds = ds.cache()
-    ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
-    return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    ds = prepare_examples(ds, training=True, seed=seed, cache=cache,
+                          shuffle_buffer=shuffle_buffer, augment=augment, preprocess=preprocess)
+    return batch_examples(ds, batch_size=batch_size, training=True)
 
 
-def eval_pipeline(ds: tf.data.Dataset, *, batch_size: int, cache: bool = True
-                  ) -> tf.data.Dataset:
+def eval_pipeline(ds: tf.data.Dataset, *, batch_size: int, cache: bool = True,
+                  preprocess: Callable | None = None) -> tf.data.Dataset:
     """Examples -> one pass of batches (the last one may be smaller)."""
     check_batch_size(batch_size)
-    if cache:
-        ds = ds.cache()
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    ds = prepare_examples(ds, training=False, cache=cache, preprocess=preprocess)
+    return batch_examples(ds, batch_size=batch_size, training=False)
