@@ -7,11 +7,13 @@ head's gradient reaches the shared layers; `tf.distribute` carries the same step
 from mtl import backbones, data, distribute, heads, weighting
 from mtl.model import MultiTaskModel, SharingReport, sharing_report
 from mtl.tasks import Task
-from mtl.trainer import History, NonFiniteError, Trainer
+from mtl.trainer import (CheckpointReadError, CheckpointWriteError, History, NonFiniteError,
+                         Trainer, TrainingStopped)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "History", "MultiTaskModel", "NonFiniteError", "SharingReport", "Task", "Trainer", "backbones", "data",
+    "CheckpointReadError", "CheckpointWriteError", "History", "MultiTaskModel",
+    "NonFiniteError", "TrainingStopped", "SharingReport", "Task", "Trainer", "backbones", "data",
     "distribute", "heads", "sharing_report", "weighting",
 ]

@@ -59,10 +59,19 @@ def train_and_evaluate(experiment: Experiment, config: Config) -> dict:
     strategy = distribute.get_strategy(config.strategy, num_gpus=config.num_gpus,
                                        cpu_replicas=config.cpu_replicas, tpu=config.tpu)
     keras.utils.set_random_seed(config.seed)
+    if config.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    # Layers take the policy in force when they are built.
+    keras.mixed_precision.set_global_policy(
+        {"none": "float32", "float16": "mixed_float16", "bfloat16": "mixed_bfloat16"}[
+            config.mixed_precision])
     tasks = select_tasks(experiment.tasks(config), config.tasks)
     task_names = [t.name for t in tasks]
     model_dir = config.model_dir or os.path.join("runs", experiment.name)
-    train_ds = experiment.train_data(config, task_names)
+    # The pipeline yields micro-batches; grad_accum_steps of them make one update.
+    train_ds = experiment.train_data(
+        dataclasses.replace(config, batch_size=config.batch_size // config.grad_accum_steps),
+        task_names)
     eval_ds = experiment.eval_data(config, task_names)
     with strategy.scope():
         model = experiment.model(config, task_names)
@@ -70,7 +79,12 @@ def train_and_evaluate(experiment: Experiment, config: Config) -> dict:
                                                                   config.learning_rate),
                           weighting=config.weighting, model_dir=model_dir, strategy=strategy,
                           steps_per_loop=config.steps_per_loop, log_every=config.log_every,
-                          checkpoint_every=config.checkpoint_every)
+                          checkpoint_every=config.checkpoint_every,
+                          max_to_keep=config.max_to_keep,
+                          grad_accum_steps=config.grad_accum_steps,
+                          jit_compile=config.jit_compile, on_nonfinite=config.on_nonfinite,
+                          gradient_mode=config.gradient_mode,
+                          checkpoint_input=config.checkpoint_input)
     if trainer.is_chief:
         os.makedirs(model_dir, exist_ok=True)
         with open(os.path.join(model_dir, "config.json"), "w") as f:
@@ -93,7 +107,9 @@ def main(experiment: Experiment, argv: Sequence[str]) -> None:
     """The `main` of an experiment script: parsed flags -> `train_and_evaluate`.
 
     Bad input (a flag value, a task name, a dataset) ends the run with its message and exit
-    status 2 instead of a traceback; nothing already saved in the run folder is touched.
+    status 2 instead of a traceback; nothing already saved in the run folder is touched. A
+    non-finite loss or a checkpoint that cannot be read or written ends it with status 1; a
+    SIGTERM/SIGINT saves a checkpoint and ends it with status 143/130.
     """
     from absl import app
 
@@ -106,19 +122,29 @@ def main(experiment: Experiment, argv: Sequence[str]) -> None:
         config = flags.config_from_flags()
     except ValueError as e:
         _exit_with_error(e)
+    from mtl import trainer as trainer_lib
+
     try:
         train_and_evaluate(experiment, config)
+    except trainer_lib.TrainingStopped as e:
+        import sys
+
+        print(e.message, file=sys.stderr)
+        sys.exit(e.code)
+    except (trainer_lib.NonFiniteError, trainer_lib.CheckpointReadError,
+            trainer_lib.CheckpointWriteError) as e:
+        _exit_with_error(e, status=1)
     except (ValueError, TypeError) as e:
         if _raised_before_training(e):
             _exit_with_error(e)
         raise
 
 
-def _exit_with_error(error: Exception) -> None:
+def _exit_with_error(error: Exception, status: int = 2) -> None:
     import sys
 
     print(f"error: {error}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(status)
 
 
 def _raised_before_training(error: Exception) -> bool:

@@ -38,12 +38,20 @@ class Config:
     num_gpus: int | None = None
     cpu_replicas: int | None = None
     tpu: str | None = None
+    grad_accum_steps: int = 1
+    jit_compile: bool = False
+    mixed_precision: str = "none"
+    on_nonfinite: str = "stop"
+    gradient_mode: str = "exact"
+    max_to_keep: int = 3
+    deterministic: bool = False
+    checkpoint_input: bool = True
 
     def __post_init__(self):
         for name in ("train_steps", "seed"):
             _check_int(name, getattr(self, name), minimum=0)
         for name in ("batch_size", "eval_batch_size", "eval_every", "checkpoint_every",
-                     "log_every", "steps_per_loop"):
+                     "log_every", "steps_per_loop", "grad_accum_steps", "max_to_keep"):
             _check_int(name, getattr(self, name), minimum=1)
         for name in ("eval_steps", "num_gpus", "cpu_replicas"):
             if getattr(self, name) is not None:
@@ -59,8 +67,21 @@ class Config:
         if self.strategy not in distribute.STRATEGIES:
             raise ValueError(f"--strategy={self.strategy!r} is unknown; expected one of "
                              f"{list(distribute.STRATEGIES)}.")
+        if self.batch_size % self.grad_accum_steps:
+            raise ValueError(f"--batch_size={self.batch_size} is the batch of one update and "
+                             f"must split into --grad_accum_steps={self.grad_accum_steps} equal "
+                             "micro-batches; use a multiple of it.")
+        for name, allowed in (("mixed_precision", MIXED_PRECISION),
+                              ("on_nonfinite", ("stop", "skip")),
+                              ("gradient_mode", ("exact", "rep"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--{name}={getattr(self, name)!r} is unknown; expected one of "
+                                 f"{list(allowed)}.")
         if self.tasks is not None and not self.tasks:
             raise ValueError("--tasks is empty; name at least one task or leave it unset.")
+
+
+MIXED_PRECISION = ("none", "float16", "bfloat16")
 
 
 def _check_int(name, value, minimum):
@@ -111,6 +132,25 @@ def define_flags(**defaults) -> None:
     f.DEFINE_integer("cpu_replicas", values["cpu_replicas"],
                      "Mirror over this many logical CPU devices (no GPU needed).")
     f.DEFINE_string("tpu", values["tpu"], "TPU address for --strategy=tpu.")
+    f.DEFINE_integer("grad_accum_steps", values["grad_accum_steps"],
+                     "Accumulate gradients over this many micro-batches of "
+                     "batch_size / grad_accum_steps examples, then apply once.")
+    f.DEFINE_bool("jit_compile", values["jit_compile"],
+                  "Compile the forward and backward pass with XLA (a GPU knob: measure it).")
+    f.DEFINE_enum("mixed_precision", values["mixed_precision"], list(MIXED_PRECISION),
+                  "Mixed precision policy; float16 uses dynamic loss scaling.")
+    f.DEFINE_enum("on_nonfinite", values["on_nonfinite"], ["stop", "skip"],
+                  "On a NaN/inf loss or gradient: stop (naming the task and step) or skip "
+                  "the update.")
+    f.DEFINE_enum("gradient_mode", values["gradient_mode"], ["exact", "rep"],
+                  "For gradient-based weighting: per-task gradients of all shared variables "
+                  "(exact) or of the shared representation (rep, cheaper).")
+    f.DEFINE_integer("max_to_keep", values["max_to_keep"], "Checkpoints kept in model_dir.")
+    f.DEFINE_bool("deterministic", values["deterministic"],
+                  "Deterministic ops (bitwise-repeatable runs and resumes; slower).")
+    f.DEFINE_bool("checkpoint_input", values["checkpoint_input"],
+                  "Save the input pipeline's position in checkpoints (single replica); "
+                  "otherwise a resumed run skips the batches already seen.")
 
 
 def _flag_default(name, value):

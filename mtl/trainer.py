@@ -6,6 +6,7 @@ Plain Python between compiled loops: nothing here runs inside `tf.function`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import shutil
@@ -93,7 +94,8 @@ class Trainer:
                  strategy: tf.distribute.Strategy | None = None, steps_per_loop: int = 1,
                  log_every: int = 100, checkpoint_every: int | None = 1000,
                  max_to_keep: int = 3, grad_accum_steps: int = 1, jit_compile: bool = False,
-                 on_nonfinite: str = "stop", gradient_mode: str = "exact"):
+                 on_nonfinite: str = "stop", gradient_mode: str = "exact",
+                 checkpoint_input: bool = True):
         tasks = list(tasks)
         for task in tasks:
             if not isinstance(task, Task):
@@ -125,6 +127,7 @@ class Trainer:
         self.model_dir = model_dir
         self.on_nonfinite = on_nonfinite
         self.grad_accum_steps = grad_accum_steps
+        self.checkpoint_input = checkpoint_input
         self.steps_per_loop = steps_per_loop
         self.log_every = log_every
         self.checkpoint_every = checkpoint_every
@@ -162,7 +165,11 @@ class Trainer:
             seed_states=_seed_states(model), **extra)
         self._manager = None
         self._writers = {}
+        self._restored_path = None
+        self._input_resumed = False
         if model_dir:
+            if self.is_chief:
+                _check_writable(model_dir)
             self._manager = tf.train.CheckpointManager(
                 self.checkpoint, os.path.join(model_dir, "checkpoints"), max_to_keep=max_to_keep)
             self.restore()
@@ -214,13 +221,15 @@ class Trainer:
         if start >= steps:
             logging.info("Already at step %d >= %d: nothing to train.", start, steps)
             return history
-        iterator = iter(self._distribute(data))
+        iterator = self._make_iterator(data)
         boundaries = [b for b in (self.log_every, eval_every, self.checkpoint_every) if b]
         bar = progress.progress_bar(total=steps, initial=start, enabled=self.is_chief)
         loss_sum, total_sum, seen, examples = None, 0.0, 0, 0
         interval_start = time.perf_counter()
-        with progress.absl_logging_through_tqdm(), bar:
+        with progress.absl_logging_through_tqdm(), bar, _StopSignals() as stop:
             while self.global_step < steps:
+                if self._any_worker(stop.received is not None):
+                    self._stop_gracefully(stop.received or "a signal on another worker")
                 step = self.global_step
                 # Run up to the next step where something happens outside the compiled loop.
                 next_stop = min([steps] + [(step // b + 1) * b for b in boundaries])
@@ -254,6 +263,52 @@ class Trainer:
                 if self.checkpoint_every and step % self.checkpoint_every == 0 or step == steps:
                     self.save()
         return history
+
+    def _make_iterator(self, data: Data):
+        """An iterator over `data` that continues where a restored run left off.
+
+        On one replica the iterator itself is saved in the checkpoint (`checkpoint_input`), so a
+        resumed run reads exactly the batches the interrupted one would have. Otherwise (several
+        replicas, whose distributed iterators TF cannot save, or checkpoint_input=False) the
+        batches already consumed are skipped: exact for a deterministic pipeline, at the cost of
+        reading them again.
+        """
+        resume = self._restored_path is not None and not self._input_resumed
+        self._input_resumed = True
+        consumed = self.global_step * self.grad_accum_steps if resume else 0
+        if isinstance(data, tf.data.Dataset) and self.strategy.num_replicas_in_sync == 1 \
+                and self.checkpoint_input:
+            iterator = iter(data)
+            if resume and _has_input(self._restored_path):
+                tf.train.Checkpoint(input=iterator).restore(self._restored_path).expect_partial()
+                logging.info("Input pipeline restored to step %d.", self.global_step)
+            elif consumed:
+                iterator = iter(data.skip(consumed))
+                logging.info("Skipped %d batches already trained on.", consumed)
+            self.checkpoint.input = iterator  # Saved with every checkpoint from now on.
+            return iterator
+        if consumed:
+            logging.info("Skipping %d batches already trained on.", consumed)
+            if isinstance(data, tf.data.Dataset):
+                data = data.skip(consumed)
+            else:
+                make = data
+                data = lambda context: make(context).skip(consumed)  # noqa: E731
+        return iter(self._distribute(data))
+
+    def _any_worker(self, flag: bool) -> bool:
+        """True when `flag` is set on any worker (multi-worker runs must stop together)."""
+        if not isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            return flag
+        value = self.strategy.run(lambda: tf.constant(1.0 if flag else 0.0))
+        return float(self.strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)) > 0
+
+    def _stop_gracefully(self, why: str) -> None:
+        path = self.save()
+        where = f"checkpoint saved to {path}" if path else "checkpoint saved"
+        raise TrainingStopped(
+            f"Stopped by {why} at step {self.global_step}; {where}. Run the same command again "
+            "to resume from this step.", signal_name=why)
 
     def _raise_nonfinite(self, stats: np.ndarray) -> None:
         """Stops training on a non-finite loss or gradient (the bad update was not applied)."""
@@ -354,7 +409,15 @@ class Trainer:
         if self._manager is None:
             return None
         if self.is_chief:
-            path = self._manager.save(checkpoint_number=self.global_step)
+            previous = self._manager.latest_checkpoint
+            try:
+                path = self._manager.save(checkpoint_number=self.global_step)
+                _write_signature(self._manager.directory, self._signature())
+            except (tf.errors.OpError, OSError) as e:
+                raise CheckpointWriteError(
+                    f"Could not write the checkpoint of step {self.global_step} to "
+                    f"{self._manager.directory} ({type(e).__name__}: {e}). The previous "
+                    f"checkpoint {previous or '(none)'} is intact.") from None
             logging.info("Saved checkpoint %s", path)
             return path
         scratch = tempfile.mkdtemp(prefix="mtl_worker_checkpoint_")
@@ -366,12 +429,39 @@ class Trainer:
         return None
 
     def restore(self) -> int:
-        """Restores the latest checkpoint in `model_dir`, if any; returns the step it holds."""
-        if self._manager is None or self._manager.latest_checkpoint is None:
+        """Restores the newest readable checkpoint in `model_dir`; returns its step.
+
+        Every tensor of a checkpoint is read before anything is assigned, so a truncated or
+        corrupt newest checkpoint is detected: the previous one is used instead, with a warning.
+        A checkpoint of a different model (other tasks or variable shapes) is refused with an
+        error, before anything is loaded.
+        """
+        if self._manager is None or not self._manager.checkpoints:
             return self.global_step
-        self.checkpoint.restore(self._manager.latest_checkpoint).assert_existing_objects_matched()
-        logging.info("Restored %s at step %d.", self._manager.latest_checkpoint, self.global_step)
-        return self.global_step
+        _check_signature(self._manager.directory, self._signature())
+        problems = []
+        for path in reversed(self._manager.checkpoints):
+            try:
+                _read_all(path)
+            except (tf.errors.OpError, ValueError, OSError, IndexError, RuntimeError) as e:
+                problems.append(f"{path}: {type(e).__name__}: {str(e).splitlines()[0]}")
+                logging.warning("Checkpoint %s is unreadable (%s); trying the previous one.",
+                                path, type(e).__name__)
+                continue
+            self.checkpoint.restore(path).expect_partial().assert_existing_objects_matched()
+            self._restored_path = path
+            if problems:
+                logging.warning("Resumed from %s (step %d) because newer checkpoints are "
+                                "unreadable: %s", path, self.global_step, "; ".join(problems))
+            logging.info("Restored %s at step %d.", path, self.global_step)
+            return self.global_step
+        raise CheckpointReadError(
+            f"No readable checkpoint in {self._manager.directory}: " + "; ".join(problems)
+            + ". Move the folder away to start afresh.")
+
+    def _signature(self) -> dict:
+        return {"tasks": [t.name for t in self.tasks],
+                "variables": [[v.path, list(v.shape)] for v in self.variables]}
 
     def _write_summaries(self, split: str, step: int, scalars: dict) -> None:
         if not self.model_dir or not self.is_chief:
@@ -387,6 +477,122 @@ class Trainer:
 
 ON_NONFINITE = ("stop", "skip")
 GRADIENT_MODES = ("exact", "rep")
+
+
+class TrainingStopped(SystemExit):
+    """Raised after a SIGTERM/SIGINT once the current step is checkpointed.
+
+    A `SystemExit` with status 143 (SIGTERM) or 130 (SIGINT), the shell's codes for those
+    signals, so an uncaught one ends a script with that status and the message.
+    """
+
+    def __init__(self, message: str, signal_name: str = ""):
+        super().__init__(143 if signal_name == "SIGTERM" else 130)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (the previous one is left intact)."""
+
+
+class CheckpointReadError(OSError):
+    """No checkpoint in model_dir can be read, or it belongs to a different model."""
+
+
+class _StopSignals:
+    """Records SIGTERM/SIGINT while training instead of dying mid-step (main thread only)."""
+
+    def __init__(self):
+        self.received = None
+        self._previous = {}
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        import signal
+
+        del frame
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # A second Ctrl-C: stop now.
+        self.received = signal.Signals(signum).name
+        logging.warning("%s received: stopping after the current step.", self.received)
+
+    def __exit__(self, *exc):
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+def _check_writable(model_dir: str) -> None:
+    try:
+        tf.io.gfile.makedirs(model_dir)
+        probe = os.path.join(model_dir, f".write_test_{os.getpid()}")
+        with tf.io.gfile.GFile(probe, "w") as f:
+            f.write("ok")
+        tf.io.gfile.remove(probe)
+    except (tf.errors.OpError, OSError) as e:
+        raise CheckpointWriteError(
+            f"model_dir {model_dir!r} is not writable ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else e}); choose a folder you can write to."
+        ) from None
+
+
+def _read_all(path: str) -> None:
+    """Reads every tensor of a checkpoint (raises on a truncated or corrupt file)."""
+    reader = tf.train.load_checkpoint(path)
+    for name, dtype in reader.get_variable_to_dtype_map().items():
+        if dtype != tf.variant:  # The input pipeline's state has no numpy form.
+            reader.get_tensor(name)
+
+
+def _has_input(path: str) -> bool:
+    return any(name.startswith("input/") for name, _ in tf.train.list_variables(path))
+
+
+_SIGNATURE_FILE = "model_signature.json"
+
+
+def _write_signature(directory: str, signature: dict) -> None:
+    path = os.path.join(directory, _SIGNATURE_FILE)
+    if not tf.io.gfile.exists(path):
+        with tf.io.gfile.GFile(path, "w") as f:
+            json.dump(signature, f)
+
+
+def _check_signature(directory: str, signature: dict) -> None:
+    """Refuses to resume a run of another model: other tasks or other variable shapes."""
+    path = os.path.join(directory, _SIGNATURE_FILE)
+    if not tf.io.gfile.exists(path):
+        return
+    with tf.io.gfile.GFile(path) as f:
+        saved = json.load(f)
+    if saved["tasks"] != signature["tasks"]:
+        raise CheckpointReadError(
+            f"{directory} holds a run with tasks {saved['tasks']}, but this model has tasks "
+            f"{signature['tasks']}; use another model_dir (nothing was loaded).")
+    ours, theirs = signature["variables"], saved["variables"]
+    for i, (mine, old) in enumerate(zip(ours, theirs)):
+        if mine[1] != old[1]:
+            raise CheckpointReadError(
+                f"{directory} holds a different model: variable {i} is {old[0]} of shape "
+                f"{tuple(old[1])} there, but {mine[0]} of shape {tuple(mine[1])} here; use "
+                "another model_dir (nothing was loaded).")
+    if len(ours) != len(theirs):
+        raise CheckpointReadError(
+            f"{directory} holds a different model: {len(theirs)} trainable variables there, "
+            f"{len(ours)} here; use another model_dir (nothing was loaded).")
 
 
 class NonFiniteError(FloatingPointError):
