@@ -1,12 +1,23 @@
-"""Task-weighting methods, by name: `mtl.weighting.get("equal")`."""
+"""Task-weighting methods, by name: `mtl.weighting.get("equal")`.
+
+Loss-based (`LossWeighting.combine`): equal, uncertainty, dwa, rlw, gls, famo.
+Gradient-based (`GradientWeighting.aggregate` / `weights_from_gramian`): pcgrad, gradvac,
+graddrop, mgda, cagrad, imtl, nash_mtl, aligned_mtl, upgrad, gradnorm.
+See docs/weighting.md for a table of what each does and costs.
+"""
 
 from __future__ import annotations
 
 from mtl.weighting.base import GradientWeighting, LossWeighting, StepContext, Weighting
-from mtl.weighting.loss_based import Equal
+from mtl.weighting.gradient_based import (CAGrad, IMTL, MGDA, AlignedMTL, GradNorm, NashMTL,
+                                          UPGrad)
+from mtl.weighting.gradient_surgery import GradDrop, GradVac, PCGrad
+from mtl.weighting.loss_based import DWA, FAMO, GLS, RLW, Equal, Uncertainty
 
 METHODS: dict[str, type[Weighting]] = {
-    cls.name: cls for cls in (Equal,)
+    cls.name: cls for cls in (
+        Equal, Uncertainty, DWA, RLW, GLS, FAMO,
+        PCGrad, GradVac, GradDrop, MGDA, CAGrad, IMTL, NashMTL, AlignedMTL, UPGrad, GradNorm)
 }
 
 
@@ -28,5 +39,6 @@ def get(method: str | Weighting, **options) -> Weighting:
     return cls(**options)
 
 
-__all__ = ["Equal", "GradientWeighting", "LossWeighting", "METHODS", "StepContext", "Weighting",
-           "get"]
+__all__ = ["AlignedMTL", "CAGrad", "DWA", "Equal", "FAMO", "GLS", "GradDrop", "GradNorm",
+           "GradVac", "GradientWeighting", "IMTL", "LossWeighting", "METHODS", "MGDA", "NashMTL",
+           "PCGrad", "RLW", "StepContext", "UPGrad", "Uncertainty", "Weighting", "get"]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import numbers
 from typing import Sequence
 
 import tensorflow as tf
@@ -43,6 +44,39 @@ class StepContext:
     num_replicas: int = 1
 
 
+def check_option(ok: bool, method: str, option: str, value, expected: str) -> None:
+    """Raises a ValueError naming the option, the value given and what was expected."""
+    if not ok:
+        raise ValueError(f"Weighting method {method!r}: option {option}={value!r} is invalid; "
+                         f"expected {expected}.")
+
+
+def is_number(value) -> bool:
+    """True for an int or float option value (a bool is not a number here)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def state_variable(initial_value, name: str, dtype=tf.float32) -> tf.Variable:
+    """A non-trainable variable that a method assigns inside the step (in the replica context).
+
+    `ONLY_FIRST_REPLICA`: every replica computes the same value (inputs are all-reduced before
+    the method is called), and the first replica's assignment is the one kept.
+    """
+    return tf.Variable(tf.cast(initial_value, dtype), trainable=False, name=name,
+                       aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+
+
+def global_losses(losses: tf.Tensor, context: StepContext | None) -> tf.Tensor:
+    """The losses of the global batch, without gradient: `context.global_losses` when given,
+    else `losses` (one device, where a replica's share is the loss itself)."""
+    source = losses if context is None else context.global_losses
+    return tf.stop_gradient(tf.convert_to_tensor(source, tf.float32))
+
+
 class Weighting(tf.Module):
     """Base class of all weighting methods."""
 
@@ -53,6 +87,9 @@ class Weighting(tf.Module):
         super().__init__(name=type(self).__name__)
         self.task_names: tuple[str, ...] = ()
         self._task_weights = None
+        #: Weights on the raw task-loss gradients used by the last call (a state variable that
+        #: `build` creates for methods whose weights change), read by `weights()`.
+        self.last_weights = None
 
     def build(self, task_names: Sequence[str], task_weights: Sequence[float]) -> None:
         """Creates the method's state for these tasks. Called under the strategy scope."""
@@ -77,8 +114,20 @@ class Weighting(tf.Module):
         return [p for p in params if p != "self"]
 
     def weights(self) -> tf.Tensor:
-        """The weight each task currently gets, [num_tasks] (for summaries)."""
-        return self.task_weights
+        """The weight each task's raw loss gradient got in the last call, [num_tasks] (for
+        summaries); `Task.weight` included. Before the first call: the fixed task weights."""
+        if self.last_weights is None:
+            return self.task_weights
+        return tf.convert_to_tensor(self.last_weights)
+
+    def _create_last_weights(self) -> None:
+        """For methods whose weights change: creates the variable `weights()` reads."""
+        self.last_weights = state_variable(self.task_weights, "last_weights")
+
+    def _record_weights(self, weights: tf.Tensor) -> tf.Tensor:
+        """Stores the weights on the raw task-loss gradients used by this call; returns them."""
+        self.last_weights.assign(weights)
+        return weights
 
 
 class LossWeighting(Weighting):
@@ -102,21 +151,55 @@ class GradientWeighting(Weighting):
 
     Subclasses implement `aggregate`, or, when only inner products of task gradients matter,
     `weights_from_gramian` (then `uses_gramian = True`, and the step may pass the Gramian alone).
+
+    Contract with the step:
+      * Row t of the Jacobian is the gradient of the *weighted* task loss `Task.weight * L_t`
+        (so the fixed weights act before the method), over the global batch: the same on every
+        replica. The Gramian is that Jacobian's `J J^T`.
+      * `context` carries the global task losses (raw, unweighted). Methods with
+        `needs_losses = True` (gradnorm; mgda with a loss normalisation) require it; the others
+        ignore it, so `aggregate(jacobian)` alone is enough for them.
+      * Every call records the coefficient of each row, times `Task.weight`, in `last_weights`
+        (read by `weights()`); for methods whose output is not a combination of the rows
+        (graddrop) it is the least-squares combination of the rows closest to the output.
     """
 
     #: True when the method can run on gradients w.r.t. the shared representation ("rep" mode).
     supports_rep: bool = True
     #: True when `weights_from_gramian` defines the method (the direction is `w @ J`).
     uses_gramian: bool = False
+    #: True when the method needs `context.global_losses`.
+    needs_losses: bool = False
 
-    def weights_from_gramian(self, gramian: tf.Tensor) -> tf.Tensor:
-        """[num_tasks, num_tasks] Gramian J J^T -> [num_tasks] weights of the task gradients."""
-        raise NotImplementedError
+    def build(self, task_names: Sequence[str], task_weights: Sequence[float]) -> None:
+        super().build(task_names, task_weights)
+        self._create_last_weights()
 
-    def aggregate(self, jacobian: tf.Tensor) -> tf.Tensor:
+    def weights_from_gramian(self, gramian: tf.Tensor,
+                             context: StepContext | None = None) -> tf.Tensor:
+        """[num_tasks, num_tasks] Gramian J J^T -> [num_tasks] weights of the task gradients.
+
+        Implementations end with `return self._record_gradient_weights(w)`.
+        """
+        raise NotImplementedError(f"{type(self).__name__} defines aggregate(), not "
+                                  "weights_from_gramian().")
+
+    def aggregate(self, jacobian: tf.Tensor, context: StepContext | None = None) -> tf.Tensor:
         """[num_tasks, num_params] per-task gradients -> [num_params] update direction."""
         if not self.uses_gramian:
-            raise NotImplementedError
+            raise NotImplementedError(f"{type(self).__name__} must override aggregate().")
         jacobian = tf.convert_to_tensor(jacobian, tf.float32)
-        w = self.weights_from_gramian(tf.matmul(jacobian, jacobian, transpose_b=True))
+        w = self.weights_from_gramian(tf.matmul(jacobian, jacobian, transpose_b=True), context)
         return tf.linalg.matvec(jacobian, w, transpose_a=True)
+
+    def _record_gradient_weights(self, row_weights: tf.Tensor) -> tf.Tensor:
+        """Records `row_weights * Task.weight` (weights on the raw loss gradients); returns
+        `row_weights` (the weights of the Jacobian's rows)."""
+        self._record_weights(row_weights * self.task_weights)
+        return row_weights
+
+    def _losses(self, context: StepContext | None) -> tf.Tensor:
+        if context is None:
+            raise ValueError(f"Weighting method {self.name!r} needs the task losses: call it "
+                             "with context=StepContext(global_losses=...).")
+        return tf.stop_gradient(tf.convert_to_tensor(context.global_losses, tf.float32))

@@ -1,0 +1,358 @@
+"""Gradient-based methods that choose weights of the task gradients from their Gramian.
+
+Each method here is `w @ J` with weights w computed from G = J J^T ([T, T]) by a closed form or
+a small solver in `mtl.weighting.solvers`, so the step may pass the Gramian alone
+(`weights_from_gramian`); `aggregate(J)` forms it (T^2 P) and returns `J^T w`. The weights each
+method returns are the ones applied, so `weights()` is exact. Cost beyond `equal`: T backward
+passes (the Jacobian) and the Gramian; the T x T solve is negligible for T up to tens.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import tensorflow as tf
+
+from mtl.weighting import solvers
+from mtl.weighting.base import (GradientWeighting, StepContext, check_option, is_int, is_number,
+                                state_variable)
+
+
+class MGDA(GradientWeighting):
+    """Multiple-Gradient Descent (Sener & Koltun, "Multi-Task Learning as Multi-Objective
+    Optimization", NeurIPS 2018).
+
+    Weights w = argmin_{w in simplex} |sum_t w_t g_t / n_t|^2: the min-norm point of the convex
+    hull of the (normalised) task gradients, by Frank-Wolfe with exact line search (at most 250
+    iterations, stopping on the duality gap; exact after one step for two tasks). As in the
+    official code, the weights found for the normalised gradients are applied to the gradients
+    themselves: direction = sum_t w_t g_t, sum_t w_t = 1.
+
+    Options:
+      normalization: n_t = 1 ("none"), |g_t| ("l2"), L_t ("loss") or L_t |g_t| ("loss+"); the
+        loss forms need `context.global_losses`.
+
+    rep mode: yes (the paper's MGDA-UB runs on the shared representation's gradients).
+    Cost: T backward passes + the Gramian + O(250 T^2).
+    """
+
+    name = "mgda"
+    uses_gramian = True
+    NORMALIZATIONS = ("none", "l2", "loss", "loss+")
+
+    def __init__(self, normalization: str = "none"):
+        super().__init__()
+        check_option(normalization in self.NORMALIZATIONS, self.name, "normalization",
+                     normalization, f"one of {self.NORMALIZATIONS}")
+        self.normalization = normalization
+        self.needs_losses = normalization in ("loss", "loss+")
+
+    def weights_from_gramian(self, gramian: tf.Tensor,
+                             context: StepContext | None = None) -> tf.Tensor:
+        gramian = tf.convert_to_tensor(gramian, tf.float32)
+        scale = tf.ones([self.num_tasks])
+        if self.normalization in ("l2", "loss+"):
+            scale *= tf.sqrt(tf.maximum(tf.linalg.diag_part(gramian), 0.0))
+        if self.normalization in ("loss", "loss+"):
+            scale *= self._losses(context)
+        inverse = tf.math.divide_no_nan(1.0, scale)
+        normalised = gramian * inverse[:, None] * inverse[None, :]
+        return self._record_gradient_weights(solvers.min_norm_point(normalised))
+
+
+class CAGrad(GradientWeighting):
+    """Conflict-Averse Gradient descent (Liu, Liu, Jin, Stone & Liu, NeurIPS 2021).
+
+    d = argmax_d min_i g_i . d  s.t.  |d - g_0| <= c |g_0|  (g_0 the mean gradient). Its dual:
+    w = argmin_{w in simplex} g_w . g_0 + c |g_0| |g_w|  (g_w = J^T w), solved here by
+    Frank-Wolfe with a closed-form line search (`solvers.cagrad_dual`); then
+    d = g_0 + (c |g_0| / |g_w|) g_w, divided by 1 (`rescale=0`), 1 + c^2 (`rescale=1`, the
+    official default) or 1 + c (`rescale=2`, the official toy script). Weights:
+    (1/T + lam w) / rescale. With c = 0 the direction is the mean gradient.
+
+    Options:
+      c: the radius factor, >= 0 (default 0.5).
+      rescale: 0, 1 or 2 as above.
+
+    rep mode: yes. Cost: T backward passes + the Gramian + O(250 T^2).
+    """
+
+    name = "cagrad"
+    uses_gramian = True
+
+    def __init__(self, c: float = 0.5, rescale: int = 1):
+        super().__init__()
+        check_option(is_number(c) and c >= 0, self.name, "c", c, "a number >= 0")
+        check_option(is_int(rescale) and rescale in (0, 1, 2), self.name, "rescale", rescale,
+                     "0 (none), 1 (divide by 1 + c^2) or 2 (divide by 1 + c)")
+        self.c = float(c)
+        self.rescale = int(rescale)
+
+    def weights_from_gramian(self, gramian: tf.Tensor,
+                             context: StepContext | None = None) -> tf.Tensor:
+        del context
+        w, lam = solvers.cagrad_dual(gramian, self.c)
+        divisor = {0: 1.0, 1: 1.0 + self.c ** 2, 2: 1.0 + self.c}[self.rescale]
+        return self._record_gradient_weights((1.0 / self.num_tasks + lam * w) / divisor)
+
+
+class IMTL(GradientWeighting):
+    """Impartial MTL, gradient part IMTL-G (Liu et al., "Towards Impartial Multi-task
+    Learning", ICLR 2021).
+
+    The direction d = sum_t a_t g_t with sum_t a_t = 1 whose projections onto every unit task
+    gradient u_t = g_t / |g_t| are equal: d . (u_1 - u_t) = 0 for t > 1. Closed form:
+    a_{2:} = g_1 U^T (D U^T)^+, a_1 = 1 - sum a_{2:}, with D rows g_1 - g_t and U rows u_1 - u_t,
+    all inner products read from the Gramian (pseudo-inverse for degenerate cases).
+
+    rep mode: yes (the paper computes it on the shared representation).
+    Cost: T backward passes + the Gramian + O(T^3).
+    """
+
+    name = "imtl"
+    uses_gramian = True
+
+    def weights_from_gramian(self, gramian: tf.Tensor,
+                             context: StepContext | None = None) -> tf.Tensor:
+        del context
+        if self.num_tasks == 1:
+            return self._record_gradient_weights(tf.ones([1]))
+        gramian = tf.convert_to_tensor(gramian, tf.float32)
+        norms = tf.sqrt(tf.maximum(tf.linalg.diag_part(gramian), 0.0))
+        g_dot_u = tf.math.divide_no_nan(gramian, norms[None, :])        # [i, j] = g_i . u_j
+        first = g_dot_u[0, 0] - g_dot_u[0, 1:]                          # g_1 . (u_1 - u_j)
+        # (D U^T)[j, k] = (g_1 - g_j) . (u_1 - u_k),  j, k >= 2.
+        du = (g_dot_u[0, 0] - g_dot_u[0, 1:][None, :]
+              - g_dot_u[1:, 0][:, None] + g_dot_u[1:, 1:])
+        rest = tf.linalg.matvec(tf.linalg.pinv(du), first, transpose_a=True)
+        return self._record_gradient_weights(tf.concat([[1.0 - tf.reduce_sum(rest)], rest], 0))
+
+
+class NashMTL(GradientWeighting):
+    """Nash-MTL (Navon et al., "Multi-Task Learning as a Bargaining Game", ICML 2022).
+
+    Weights a > 0 with G a = 1 / a (elementwise): the Nash bargaining solution, for which every
+    task's gain g_t . d = 1 / a_t. As in the official code the Gramian is first divided by its
+    Frobenius norm (so |d|^2 = T |G|_F); here a small ridge 1e-6 I is added so that a solution
+    exists when the gradients are (nearly) Pareto-stationary. Solved without cvxpy by damped
+    Newton on the convex a^T G a / 2 - sum log a (`solvers.nash_bargaining`), warm-started at
+    the previous weights. Weights are recomputed every `update_every` calls and reused in
+    between (kept in a variable). Then, as the official code's `max_norm`, the direction is
+    scaled down to norm `max_norm` if longer (0 turns it off); the reported weights include
+    that scale.
+
+    Options:
+      update_every: recompute the weights every k calls (an int >= 1).
+      max_norm: clip norm of the direction (>= 0; 0 = no clipping; official default 1).
+
+    rep mode: no (the official implementation and LibMTL run it on the shared parameters).
+    Cost: T backward passes + the Gramian + O(T^3) Newton steps (on update calls only).
+    """
+
+    name = "nash_mtl"
+    uses_gramian = True
+    supports_rep = False
+    RIDGE = 1e-10
+
+    def __init__(self, update_every: int = 1, max_norm: float = 1.0):
+        super().__init__()
+        check_option(is_int(update_every) and update_every >= 1, self.name, "update_every",
+                     update_every, "an integer >= 1")
+        check_option(is_number(max_norm) and max_norm >= 0, self.name, "max_norm", max_norm,
+                     "a number >= 0 (0: no clipping)")
+        self.update_every = int(update_every)
+        self.max_norm = float(max_norm)
+
+    def build(self, task_names: Sequence[str], task_weights: Sequence[float]) -> None:
+        super().build(task_names, task_weights)
+        self.alpha = state_variable(tf.ones([self.num_tasks]), "alpha")
+        self.calls = state_variable(0, "calls", tf.int64)
+
+    def _solve(self, gramian: tf.Tensor) -> tf.Tensor:
+        # float64: near the Pareto set the normalised Gramian's smallest eigenvalue falls far
+        # below float32's resolution of the Newton system, and the ridge must stay below it
+        # (a ridge that dominates it turns the weights into equal weights).
+        gramian = tf.cast(gramian, tf.float64)
+        normalised = tf.math.divide_no_nan(gramian, tf.norm(gramian))
+        normalised += self.RIDGE * tf.eye(self.num_tasks, dtype=tf.float64)
+        previous = tf.convert_to_tensor(self.alpha)
+        alpha = tf.cast(solvers.nash_bargaining(normalised, tf.cast(previous, tf.float64)),
+                        tf.float32)
+        return tf.where(tf.reduce_all(tf.math.is_finite(alpha) & (alpha > 0.0)), alpha, previous)
+
+    def _next_alpha(self, gramian_fn) -> tf.Tensor:
+        """The weights for this call: solved from `gramian_fn()` on update calls, else stored."""
+        if self.update_every == 1:
+            alpha = self._solve(gramian_fn())
+        else:
+            # No assignment inside the branches: in a replica context, assigning a mirrored
+            # variable inside `tf.cond` needs a merge_call, which control flow does not allow.
+            alpha = tf.cond(self.calls % self.update_every == 0,
+                            lambda: self._solve(gramian_fn()),
+                            lambda: tf.convert_to_tensor(self.alpha))
+        self.alpha.assign(alpha)
+        self.calls.assign_add(1)
+        return alpha
+
+    def _clip_scale(self, direction_norm: tf.Tensor) -> tf.Tensor:
+        if self.max_norm == 0.0:
+            return tf.constant(1.0)
+        return tf.minimum(1.0, tf.math.divide_no_nan(self.max_norm, direction_norm))
+
+    def weights_from_gramian(self, gramian: tf.Tensor,
+                             context: StepContext | None = None) -> tf.Tensor:
+        del context
+        gramian = tf.convert_to_tensor(gramian, tf.float32)
+        alpha = self._next_alpha(lambda: gramian)
+        norm = tf.sqrt(tf.maximum(tf.reduce_sum(alpha * tf.linalg.matvec(gramian, alpha)), 0.0))
+        return self._record_gradient_weights(alpha * self._clip_scale(norm))
+
+    def aggregate(self, jacobian: tf.Tensor, context: StepContext | None = None) -> tf.Tensor:
+        """Forms the Gramian only on update calls."""
+        del context
+        jacobian = tf.convert_to_tensor(jacobian, tf.float32)
+        alpha = self._next_alpha(lambda: tf.matmul(jacobian, jacobian, transpose_b=True))
+        direction = tf.linalg.matvec(jacobian, alpha, transpose_a=True)
+        scale = self._clip_scale(tf.norm(direction))
+        self._record_gradient_weights(alpha * scale)
+        return direction * scale
+
+
+class AlignedMTL(GradientWeighting):
+    """Aligned-MTL (Senushkin et al., "Independent Component Alignment for Multi-Task
+    Learning", CVPR 2023).
+
+    Replaces J by the aligned Jacobian J' = sigma_min V Sigma^{-1} V^T J, whose rows are
+    orthogonal with equal norms sigma_min (G = V Sigma^2 V^T, eigenvalues below
+    max(eig) * T * float32 eps dropped as rank deficiency, sigma_min the smallest kept singular
+    value), and steps along its row sum: weights a = sigma_min V Sigma^{-1} V^T 1.
+
+    rep mode: yes (the paper's Aligned-MTL-UB runs on the shared representation).
+    Cost: T backward passes + the Gramian + one T x T eigendecomposition.
+    """
+
+    name = "aligned_mtl"
+    uses_gramian = True
+
+    def weights_from_gramian(self, gramian: tf.Tensor,
+                             context: StepContext | None = None) -> tf.Tensor:
+        del context
+        eigenvalues, eigenvectors = tf.linalg.eigh(tf.convert_to_tensor(gramian, tf.float32))
+        tolerance = tf.reduce_max(eigenvalues) * self.num_tasks * 1.1920929e-07
+        kept = eigenvalues > tolerance
+        singular = tf.sqrt(tf.where(kept, eigenvalues, 1.0))
+        sigma_min = tf.reduce_min(tf.where(kept, singular, float("inf")))
+        inverse = tf.where(kept, 1.0 / singular, 0.0)
+        b = tf.matmul(eigenvectors * inverse[None, :], eigenvectors, transpose_b=True)
+        weights = tf.where(tf.reduce_any(kept), sigma_min * tf.reduce_sum(b, axis=1), 0.0)
+        return self._record_gradient_weights(weights)
+
+
+class UPGrad(GradientWeighting):
+    """Unconflicting Projection of Gradients (Quinton & Rey, "Jacobian Descent for
+    Multi-Objective Optimization", 2024; TorchJD's `UPGrad`).
+
+    Projects each scaled task gradient g_i / T onto the dual cone of the rows of J,
+    {x : J x >= 0}, and sums the projections. By the paper's Proposition 1 the projection of
+    J^T u is J^T v with v = argmin v^T G v s.t. v >= u; with u = e_i / T for each i the weights
+    are sum_i v_i. As TorchJD, the Gramian is first divided by its trace (`norm_eps` guards a
+    zero trace) and regularised with `reg_eps` I. Each small QP is solved by projected
+    coordinate descent (`solvers.project_to_dual_cone`, at most 200 sweeps). The direction has a
+    non-negative inner product with every task gradient (up to the regulariser).
+
+    Options:
+      reg_eps: ridge added to the normalised Gramian (>= 0, default 1e-4 as TorchJD).
+      norm_eps: a trace below this gives zero weights (>= 0, default 1e-4 as TorchJD).
+
+    rep mode: no (defined on the Jacobian w.r.t. the parameters; LibMTL refuses rep mode).
+    Cost: T backward passes + the Gramian + O(200 T^3).
+    """
+
+    name = "upgrad"
+    uses_gramian = True
+    supports_rep = False
+
+    def __init__(self, reg_eps: float = 1e-4, norm_eps: float = 1e-4):
+        super().__init__()
+        check_option(is_number(reg_eps) and reg_eps >= 0, self.name, "reg_eps", reg_eps,
+                     "a number >= 0")
+        check_option(is_number(norm_eps) and norm_eps >= 0, self.name, "norm_eps", norm_eps,
+                     "a number >= 0")
+        self.reg_eps = float(reg_eps)
+        self.norm_eps = float(norm_eps)
+
+    def weights_from_gramian(self, gramian: tf.Tensor,
+                             context: StepContext | None = None) -> tf.Tensor:
+        del context
+        gramian = tf.convert_to_tensor(gramian, tf.float32)
+        trace = tf.linalg.trace(gramian)
+        normalised = tf.where(trace >= self.norm_eps, gramian / trace, tf.zeros_like(gramian))
+        normalised += self.reg_eps * tf.eye(self.num_tasks)
+        lower = tf.eye(self.num_tasks) / self.num_tasks
+        projections = solvers.project_to_dual_cone(normalised, lower)
+        return self._record_gradient_weights(tf.reduce_sum(projections, axis=0))
+
+
+class GradNorm(GradientWeighting):
+    """GradNorm (Chen, Badrinarayanan, Lee & Rabinovich, ICML 2018), aggregate-only form.
+
+    Task weights w (a variable, start 1, sum T). Each call, with the rows' norms n_t = |g_t|
+    (from the Gramian) and the loss ratios L~_t = L_t / L_t(0) (L_t(0) = the first positive
+    loss seen, stored), r_t = L~_t / mean(L~):
+
+        target_t = mean_j(w_j n_j) * r_t^alpha          (held constant)
+        L_grad = sum_t |w_t n_t - target_t|,   dL_grad/dw_t = sign(w_t n_t - target_t) n_t
+
+    The direction uses the current weights, sum_t w_t g_t; then w takes one gradient step on
+    L_grad, w <- w - lr * dL_grad/dw / mean(n) (divided by the mean norm so that `lr` does not
+    depend on the gradients' scale; the paper trains w with the model's optimizer instead),
+    clipped at 0 and renormalised to sum T.
+
+    Needs the losses: call with `context=StepContext(global_losses=...)` (raw task losses of
+    the global batch); `needs_losses = True`.
+
+    Options:
+      alpha: the restoring-force exponent (>= 0, default 1.5).
+      lr: step size of the weights (> 0, default 0.025).
+
+    rep mode: yes (the paper uses the last shared layer; gradients w.r.t. the shared
+    representation are the usual stand-in, as LibMTL).
+    Cost: T backward passes + the Gramian's diagonal (T P).
+    """
+
+    name = "gradnorm"
+    uses_gramian = True
+    needs_losses = True
+
+    def __init__(self, alpha: float = 1.5, lr: float = 0.025):
+        super().__init__()
+        check_option(is_number(alpha) and alpha >= 0, self.name, "alpha", alpha,
+                     "a number >= 0")
+        check_option(is_number(lr) and lr > 0, self.name, "lr", lr, "a number > 0")
+        self.alpha = float(alpha)
+        self.lr = float(lr)
+
+    def build(self, task_names: Sequence[str], task_weights: Sequence[float]) -> None:
+        super().build(task_names, task_weights)
+        self.loss_scales = state_variable(tf.ones([self.num_tasks]), "loss_scales")
+        self.initial_losses = state_variable(tf.zeros([self.num_tasks]), "initial_losses")
+
+    def weights_from_gramian(self, gramian: tf.Tensor,
+                             context: StepContext | None = None) -> tf.Tensor:
+        losses = self._losses(context)
+        initial = tf.convert_to_tensor(self.initial_losses)
+        initial = tf.where(initial > 0.0, initial, losses)
+        self.initial_losses.assign(initial)
+        norms = tf.sqrt(tf.maximum(tf.linalg.diag_part(gramian), 0.0))
+        w = tf.convert_to_tensor(self.loss_scales)
+        weighted_norms = w * norms
+        ratios = tf.where(initial > 0.0, tf.math.divide_no_nan(losses, initial), 1.0)
+        relative = tf.math.divide_no_nan(ratios, tf.reduce_mean(ratios))
+        target = tf.reduce_mean(weighted_norms) * relative ** self.alpha
+        gradient = tf.sign(weighted_norms - target) * tf.math.divide_no_nan(
+            norms, tf.reduce_mean(norms))
+        updated = tf.maximum(w - self.lr * gradient, 0.0)
+        total = tf.reduce_sum(updated)
+        updated = tf.where(total > 0.0, self.num_tasks * updated / total, tf.ones_like(w))
+        self.loss_scales.assign(updated)
+        return self._record_gradient_weights(w)
