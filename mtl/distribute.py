@@ -108,4 +108,12 @@ def get_strategy(name: str = "default", *, num_gpus: int | None = None,
         raise ValueError("strategy 'mirrored' found no GPU on this machine; run on a GPU "
                          "machine, or set cpu_replicas=N (--cpu_replicas=N) to mirror over N "
                          "logical CPU devices.")
-    return tf.distribute.MirroredStrategy(devices)
+    # One MirroredStrategy per device set and process: a second one over the same devices
+    # reuses collective instance keys, and its all-reduces then clash with the first one's.
+    key = tuple(devices)
+    if key not in _MIRRORED:
+        _MIRRORED[key] = tf.distribute.MirroredStrategy(devices)
+    return _MIRRORED[key]
+
+
+_MIRRORED: dict = {}

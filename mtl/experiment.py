@@ -41,6 +41,39 @@ class Experiment:
     eval_data: Callable[[Config, Sequence[str]], tf.data.Dataset]
 
 
+def distributed_train_data(experiment: Experiment, config: Config, task_names,
+                           strategy: tf.distribute.Strategy):
+    """The experiment's train data for `strategy`.
+
+    The pipeline yields micro-batches of `batch_size / grad_accum_steps` examples (that many make
+    one update). On one replica: that dataset (its position is saved in checkpoints). On several:
+    a function for `distribute_datasets_from_function` that builds the same pipeline with
+    per-replica batches; with several input pipelines (workers) each keeps every N-th batch of
+    the identically seeded stream, so the replicas of one step together see exactly the examples
+    of one global batch, as on one device.
+    """
+    micro_batch = config.batch_size // config.grad_accum_steps
+    replicas = strategy.num_replicas_in_sync
+    if replicas == 1:
+        return experiment.train_data(dataclasses.replace(config, batch_size=micro_batch),
+                                     task_names)
+    if micro_batch % replicas:
+        raise ValueError(
+            f"--batch_size={config.batch_size} (micro-batch {micro_batch} with "
+            f"--grad_accum_steps={config.grad_accum_steps}) cannot be split evenly over "
+            f"{replicas} replicas; use a micro-batch that is a multiple of {replicas}.")
+
+    def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
+        per_replica = context.get_per_replica_batch_size(micro_batch)
+        ds = experiment.train_data(dataclasses.replace(config, batch_size=per_replica),
+                                   task_names)
+        if context.num_input_pipelines > 1:
+            ds = ds.shard(context.num_input_pipelines, context.input_pipeline_id)
+        return ds
+
+    return dataset_fn
+
+
 def select_tasks(available: Sequence[Task], wanted: Sequence[str] | None) -> list[Task]:
     """The tasks named in `wanted` (all when None), in the experiment's order."""
     if wanted is None:
@@ -68,10 +101,7 @@ def train_and_evaluate(experiment: Experiment, config: Config) -> dict:
     tasks = select_tasks(experiment.tasks(config), config.tasks)
     task_names = [t.name for t in tasks]
     model_dir = config.model_dir or os.path.join("runs", experiment.name)
-    # The pipeline yields micro-batches; grad_accum_steps of them make one update.
-    train_ds = experiment.train_data(
-        dataclasses.replace(config, batch_size=config.batch_size // config.grad_accum_steps),
-        task_names)
+    train_ds = distributed_train_data(experiment, config, task_names, strategy)
     eval_ds = experiment.eval_data(config, task_names)
     with strategy.scope():
         model = experiment.model(config, task_names)

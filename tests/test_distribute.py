@@ -61,3 +61,16 @@ def test_malformed_tf_config_names_the_field(text, message):
 def test_tpu_without_a_tpu_says_so():
     with pytest.raises(RuntimeError, match="strategy 'tpu': no TPU found"):
         mtl.distribute.get_strategy("tpu")
+
+
+def test_every_experiment_runs_under_mirrored_on_two_cpus(digits_data_dir):
+    run = subprocess.run([sys.executable, os.path.join(HERE, "workers", "experiments_mirrored.py"),
+                          digits_data_dir], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert run.returncode == 0, run.stderr[-4000:]
+    lines = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    scripts = sorted(f[:-3] for f in os.listdir(os.path.join(os.path.dirname(HERE),
+                                                             "experiments"))
+                     if f.endswith(".py"))
+    assert sorted(line["experiment"] for line in lines) == scripts
+    assert all(line["step"] == 2 and line["tasks"] for line in lines), lines
