@@ -114,7 +114,8 @@ def train_and_evaluate(experiment: Experiment, config: Config) -> dict:
                           grad_accum_steps=config.grad_accum_steps,
                           jit_compile=config.jit_compile, on_nonfinite=config.on_nonfinite,
                           gradient_mode=config.gradient_mode,
-                          checkpoint_input=config.checkpoint_input)
+                          checkpoint_input=config.checkpoint_input,
+                          diagnostics_every=config.diagnostics_every or None)
     if trainer.is_chief:
         os.makedirs(model_dir, exist_ok=True)
         with open(os.path.join(model_dir, "config.json"), "w") as f:

@@ -46,9 +46,10 @@ class Config:
     max_to_keep: int = 3
     deterministic: bool = False
     checkpoint_input: bool = True
+    diagnostics_every: int = 1000
 
     def __post_init__(self):
-        for name in ("train_steps", "seed"):
+        for name in ("train_steps", "seed", "diagnostics_every"):
             _check_int(name, getattr(self, name), minimum=0)
         for name in ("batch_size", "eval_batch_size", "eval_every", "checkpoint_every",
                      "log_every", "steps_per_loop", "grad_accum_steps", "max_to_keep"):
@@ -146,6 +147,9 @@ def define_flags(**defaults) -> None:
                   "For gradient-based weighting: per-task gradients of all shared variables "
                   "(exact) or of the shared representation (rep, cheaper).")
     f.DEFINE_integer("max_to_keep", values["max_to_keep"], "Checkpoints kept in model_dir.")
+    f.DEFINE_integer("diagnostics_every", values["diagnostics_every"],
+                     "Steps between task-gradient diagnostics in TensorBoard (weights, gradient "
+                     "norms, pairwise cosines); 0 turns them off.")
     f.DEFINE_bool("deterministic", values["deterministic"],
                   "Deterministic ops (bitwise-repeatable runs and resumes; slower).")
     f.DEFINE_bool("checkpoint_input", values["checkpoint_input"],

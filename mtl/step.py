@@ -216,6 +216,7 @@ class StepFunctions:
         self._compute = tf.function(compute, jit_compile=True) if jit_compile else compute
         self.train_loop = tf.function(self._train_loop)
         self.eval_step = tf.function(self._eval_step, reduce_retracing=True)
+        self.diagnostics = tf.function(self._diagnostics, reduce_retracing=True)
 
     # ------------------------------------------------------------------------ replica side
     def _replica_normalisers(self, batch):
@@ -230,9 +231,17 @@ class StepFunctions:
         Gramian or a dummy, outputs, stats [T + 4]).
         """
         features, labels, sample_weights = unpack_batch(batch)
-        needs_global = getattr(self.weighting, "needs_global_losses", False)
+        needs_global = (getattr(self.weighting, "needs_global_losses", False)
+                        and self.strategy.num_replicas_in_sync > 1)
         with tf.GradientTape(persistent=self.is_gradient_method) as tape:
-            outputs = self.model(features, training=True)
+            if self.rep_mode:
+                # Backbone and heads called apart (the same layers the Functional model runs),
+                # to differentiate the task losses w.r.t. the shared features.
+                shared_features = self.model.backbone(features, training=True)
+                outputs = {t.name: self.model.heads[t.name](shared_features, training=True)
+                           for t in self.tasks}
+            else:
+                outputs = self.model(features, training=True)
             task_losses = compute_task_losses(self.tasks, outputs, labels, sample_weights,
                                               global_normalisers=normalisers)
             replica_context = tf.distribute.get_replica_context()
@@ -243,6 +252,7 @@ class StepFunctions:
                                   num_replicas=self.strategy.num_replicas_in_sync)
             if self.is_gradient_method:
                 weighted = self.task_weights * task_losses  # rows of the Jacobian
+                scaled_rows = weighted * scale  # (on the tape, so the Jacobian sees it)
                 total = tf.reduce_sum(weighted)
             else:
                 total = self.weighting.combine(task_losses, context)
@@ -256,12 +266,14 @@ class StepFunctions:
         per_task = tf.zeros([0])
         if self.jacobian_mode:
             # One batched Jacobian (pfor) for all tasks, not T separate backward passes.
-            jacobian = tape.jacobian(weighted * scale, self.shared_variables,
+            jacobian = tape.jacobian(scaled_rows, self.shared_variables,
                                      experimental_use_pfor=True)
             per_task = flatten_gradients(jacobian) / scale
-        elif self.rep_mode:
-            per_task = self._representation_gramian(tape, weighted, outputs)
-        gradients = tape.gradient(scaled, self.plain_variables)
+        if self.rep_mode:
+            gradients = self._rep_mode_gradients(tape, scaled, scaled_rows, shared_features,
+                                                 task_losses, context, scale)
+        else:
+            gradients = tape.gradient(scaled, self.plain_variables)
         if self._connected is None:
             self._connected = [g is not None for g in gradients]
         gradients = [tf.zeros_like(v) if g is None else g / scale
@@ -276,8 +288,57 @@ class StepFunctions:
                                          tf.cast(bad_grad, tf.float32)]], axis=0)
         return gradients, per_task, outputs, stats
 
-    def _representation_gramian(self, tape, weighted, outputs):
-        raise NotImplementedError("rep mode")
+    def _rep_mode_gradients(self, tape, scaled, scaled_rows, shared_features, task_losses,
+                            context, scale):
+        """Gradients in "rep" mode (MGDA-UB style): the method weighs the tasks from the Gramian
+        of their gradients w.r.t. the shared features; the shared variables get the gradient of
+        the weighted loss sum, the heads their plain gradients.
+
+        The features of different replicas are different examples, so the global Gramian is the
+        sum of the replicas' Gramians (one all-reduce of [T, T]).
+        """
+        jacobian = tape.jacobian(scaled_rows, shared_features, experimental_use_pfor=True)
+        rows = flatten_gradients([jacobian]) / scale  # [T, local batch * feature size]
+        replica_context = tf.distribute.get_replica_context()
+        gramian = replica_context.all_reduce(tf.distribute.ReduceOp.SUM,
+                                             tf.matmul(rows, rows, transpose_b=True))
+        losses = replica_context.all_reduce(tf.distribute.ReduceOp.SUM,
+                                            tf.stop_gradient(task_losses))
+        weights = tf.stop_gradient(self.weighting.weights_from_gramian(
+            gramian, StepContext(global_losses=losses, num_replicas=context.num_replicas)))
+        shared_ids = {id(v) for v in self.shared_variables}
+        shared_total = tf.reduce_sum(weights * scaled_rows)
+        shared = tape.gradient(shared_total, self.shared_variables)
+        plain = tape.gradient(scaled, self.plain_variables)
+        by_id = {id(v): g for v, g in zip(self.shared_variables, shared)}
+        return [by_id[id(v)] if id(v) in shared_ids else g
+                for v, g in zip(self.plain_variables, plain)]
+
+    # ---------------------------------------------------------------------------- diagnostics
+    def _replica_task_jacobian(self, batch, normalisers):
+        """Per-task gradients of the shared variables on this replica's share, [T, P]."""
+        features, labels, sample_weights = unpack_batch(batch)
+        with tf.GradientTape() as tape:
+            outputs = self.model(features, training=False)
+            losses = compute_task_losses(self.tasks, outputs, labels, sample_weights,
+                                         global_normalisers=normalisers)
+            rows = self.task_weights * losses
+        return flatten_gradients(tape.jacobian(rows, self.shared_variables,
+                                               experimental_use_pfor=True,
+                                               unconnected_gradients="zero"))
+
+    def _diagnostics(self, batch):
+        """Conflict diagnostics on one batch: each task's gradient norm on the shared
+        variables [T], their pairwise cosine similarities [T, T], and the method's current
+        task weights [T] (cross-replica; Jacobian rows summed over replicas)."""
+        normalisers = self._global_normalisers(batch)
+        jacobian = self.strategy.reduce(
+            tf.distribute.ReduceOp.SUM,
+            self.strategy.run(self._replica_task_jacobian, args=(batch, normalisers)), axis=None)
+        gramian = tf.matmul(jacobian, jacobian, transpose_b=True)
+        norms = tf.sqrt(tf.maximum(tf.linalg.diag_part(gramian), 0.0))
+        cosine = tf.math.divide_no_nan(gramian, norms[:, None] * norms[None, :])
+        return norms, cosine, tf.convert_to_tensor(self.weighting.weights())
 
     def _replica_update_metrics(self, batch, outputs):
         _, labels, sample_weights = unpack_batch(batch)
@@ -290,12 +351,16 @@ class StepFunctions:
             self.jacobian_accumulator.assign_add(per_task)
 
     def _replica_apply(self, gradients, shared_gradients):
-        pairs = [(g, v) for g, v, c in zip(gradients, self.plain_variables, self._connected) if c]
+        # tf.identity: every gradient a tensor of this graph (some are captured from outside
+        # the cond that decides whether to apply), as Keras's all-reduce requires.
+        pairs = [(tf.identity(g), v)
+                 for g, v, c in zip(gradients, self.plain_variables, self._connected) if c]
         if self.jacobian_mode:
             # The combined direction is the same on every replica; Keras sums the replicas'
             # gradients, so each replica contributes 1/R of it.
             replicas = float(self.strategy.num_replicas_in_sync)
-            pairs += [(g / replicas, v) for g, v in zip(shared_gradients, self.shared_variables)]
+            pairs += [(tf.identity(g) / replicas, v)
+                      for g, v in zip(shared_gradients, self.shared_variables)]
         self.optimizer.apply_gradients(pairs)
 
     def _replica_apply_accumulated(self, shared_gradients):

@@ -37,11 +37,14 @@ class History:
     """What `fit` saw: one record per logging interval and one per evaluation.
 
     Train records: `{"step", "loss", "<task>/loss", "<task>/<metric>", "examples_per_sec"}`;
-    eval records: `{"step", "<task>/loss", "<task>/<metric>"}`.
+    eval records: `{"step", "<task>/loss", "<task>/<metric>"}`; diagnostics records (every
+    `diagnostics_every` steps): `{"step", "<task>/weight", "<task>/grad_norm",
+    "cosine/<task>__<task>"}`.
     """
 
     train: list = dataclasses.field(default_factory=list)
     eval: list = dataclasses.field(default_factory=list)
+    diagnostics: list = dataclasses.field(default_factory=list)
 
     def series(self, key: str, split: str = "train") -> list:
         """The values of `key` over time, e.g. `history.series("left/loss")`."""
@@ -95,7 +98,7 @@ class Trainer:
                  log_every: int = 100, checkpoint_every: int | None = 1000,
                  max_to_keep: int = 3, grad_accum_steps: int = 1, jit_compile: bool = False,
                  on_nonfinite: str = "stop", gradient_mode: str = "exact",
-                 checkpoint_input: bool = True):
+                 checkpoint_input: bool = True, diagnostics_every: int | None = None):
         tasks = list(tasks)
         for task in tasks:
             if not isinstance(task, Task):
@@ -106,6 +109,10 @@ class Trainer:
                             ("grad_accum_steps", grad_accum_steps), ("max_to_keep", max_to_keep)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1; got {value!r}.")
+        if diagnostics_every is not None and (not isinstance(diagnostics_every, int)
+                                              or diagnostics_every < 1):
+            raise ValueError(f"diagnostics_every must be None or an int >= 1; got "
+                             f"{diagnostics_every!r}.")
         if on_nonfinite not in ON_NONFINITE:
             raise ValueError(f"on_nonfinite must be one of {list(ON_NONFINITE)}; got "
                              f"{on_nonfinite!r}.")
@@ -123,11 +130,12 @@ class Trainer:
         self.tasks = [by_name[name] for name in task_names]
         self.optimizer = _get_optimizer(optimizer)
         self.weighting = weighting_lib.get(weighting)
-        _check_gradient_mode(self.weighting, gradient_mode)
+        _check_gradient_mode(self.weighting, gradient_mode, model)
         self.model_dir = model_dir
         self.on_nonfinite = on_nonfinite
         self.grad_accum_steps = grad_accum_steps
         self.checkpoint_input = checkpoint_input
+        self.diagnostics_every = diagnostics_every
         self.steps_per_loop = steps_per_loop
         self.log_every = log_every
         self.checkpoint_every = checkpoint_every
@@ -222,7 +230,13 @@ class Trainer:
             logging.info("Already at step %d >= %d: nothing to train.", start, steps)
             return history
         iterator = self._make_iterator(data)
-        boundaries = [b for b in (self.log_every, eval_every, self.checkpoint_every) if b]
+        diagnostics_batch = None
+        if self.diagnostics_every:
+            # A fixed batch from a separate iterator: the training stream is not disturbed and
+            # successive diagnostics are comparable.
+            diagnostics_batch = next(iter(self._distribute(data)))
+        boundaries = [b for b in (self.log_every, eval_every, self.checkpoint_every,
+                                  self.diagnostics_every) if b]
         bar = progress.progress_bar(total=steps, initial=start, enabled=self.is_chief)
         loss_sum, total_sum, seen, examples = None, 0.0, 0, 0
         interval_start = time.perf_counter()
@@ -254,6 +268,8 @@ class Trainer:
                     history.train.append(record)
                     loss_sum, total_sum, seen, examples = None, 0.0, 0, 0
                     interval_start = time.perf_counter()
+                if self.diagnostics_every and step % self.diagnostics_every == 0:
+                    history.diagnostics.append(self._log_diagnostics(step, diagnostics_batch))
                 if eval_data is not None and ((eval_every and step % eval_every == 0)
                                               or step == steps):
                     results = self.evaluate(eval_data, steps=eval_steps)
@@ -348,6 +364,20 @@ class Trainer:
         if self.strategy.num_replicas_in_sync == 1:
             return data
         return self.strategy.experimental_distribute_dataset(data)
+
+    def _log_diagnostics(self, step: int, batch) -> dict:
+        """Each task's weight, gradient norm on the shared variables and pairwise cosines."""
+        norms, cosine, weights = (t.numpy() for t in self._steps.diagnostics(batch))
+        names = [t.name for t in self.tasks]
+        record = {"step": step}
+        for i, name in enumerate(names):
+            record[f"{name}/weight"] = float(weights[i])
+            record[f"{name}/grad_norm"] = float(norms[i])
+            for j in range(i + 1, len(names)):
+                record[f"cosine/{name}__{names[j]}"] = float(cosine[i, j])
+        self._write_summaries("train", step, {f"diagnostics/{k}": v for k, v in record.items()
+                                              if k != "step"})
+        return record
 
     def _log_train(self, step, task_losses, total, examples_per_sec, steps_per_sec) -> dict:
         record = {"step": step, "loss": float(total)}
@@ -599,16 +629,24 @@ class NonFiniteError(FloatingPointError):
     """A task loss or gradient became NaN or inf; raised before the bad update is applied."""
 
 
-def _check_gradient_mode(method, mode: str) -> None:
+def _check_gradient_mode(method, mode: str, model) -> None:
     if not isinstance(method, weighting_lib.GradientWeighting):
         if mode != "exact":
             raise ValueError(f"gradient_mode={mode!r} applies to gradient-based weighting "
                              f"methods; {method.name!r} is loss-based.")
         return
-    if mode == "rep" and not method.uses_gramian:
-        raise ValueError(f"gradient_mode='rep' needs a method that works from the Gramian of "
-                         f"task gradients; {method.name!r} needs the full per-parameter "
-                         "gradients. Use gradient_mode='exact'.")
+    if mode != "rep":
+        return
+    if not (method.supports_rep and method.uses_gramian):
+        raise ValueError(f"gradient_mode='rep' cannot be used with weighting {method.name!r}: "
+                         "it needs the per-parameter gradients of the shared variables. Use "
+                         "gradient_mode='exact', or a method that supports rep mode (" + ", ".join(
+                             sorted(n for n, c in weighting_lib.METHODS.items()
+                                    if getattr(c, "supports_rep", False)
+                                    and getattr(c, "uses_gramian", False))) + ").")
+    if getattr(model, "backbone", None) is None:
+        raise ValueError("gradient_mode='rep' needs a MultiTaskModel built from a backbone and "
+                         "heads (the shared representation is the backbone's output).")
 
 
 def shared_variables(model, task_names) -> list:

@@ -133,6 +133,10 @@ class Weighting(tf.Module):
 class LossWeighting(Weighting):
     """A method that combines task losses into one scalar before a single backward pass."""
 
+    #: True when `combine` reads `context.global_losses` (the step then all-reduces the task
+    #: losses before calling it); False for methods whose weights do not depend on the losses.
+    needs_global_losses: bool = True
+
     def combine(self, losses: tf.Tensor, context: StepContext | None = None) -> tf.Tensor:
         """Total loss from task losses.
 

@@ -29,6 +29,7 @@ class Equal(LossWeighting):
     """
 
     name = "equal"
+    needs_global_losses = False
 
     def combine(self, losses: tf.Tensor, context: StepContext | None = None) -> tf.Tensor:
         del context
@@ -53,6 +54,7 @@ class Uncertainty(LossWeighting):
     """
 
     name = "uncertainty"
+    needs_global_losses = False
 
     def build(self, task_names: Sequence[str], task_weights: Sequence[float]) -> None:
         super().build(task_names, task_weights)
@@ -139,6 +141,7 @@ class RLW(LossWeighting):
     """
 
     name = "rlw"
+    needs_global_losses = False
 
     def __init__(self, seed: int = 0):
         super().__init__()

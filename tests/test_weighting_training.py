@@ -1,0 +1,127 @@
+"""Every weighting method trains multi_digits inside the real step, on one device and on 2
+mirrored replicas, to the same weights: the per-task gradients (or Gramian) are all-reduced
+before a method combines them, and random methods draw the same numbers on every replica."""
+
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import mtl
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+STEPS = 50
+
+
+@pytest.fixture(scope="module")
+def runs(digits_data_dir):
+    run = subprocess.run([sys.executable, os.path.join(HERE, "workers", "weighting_mirrored.py"),
+                          digits_data_dir, str(STEPS)], capture_output=True, text=True,
+                         timeout=900, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert run.returncode == 0, run.stderr[-4000:]
+    return [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+
+
+def test_every_method_runs_in_exact_and_where_possible_rep_mode(runs):
+    seen = {(r["method"], r["mode"]) for r in runs}
+    assert {m for m, _ in seen} == set(mtl.weighting.METHODS)
+    assert {m for m, mode in seen if mode == "rep"} == {
+        "aligned_mtl", "cagrad", "gradnorm", "imtl", "mgda", "pcgrad"}
+
+
+def test_no_nan_and_mirrored_equals_one_device(runs):
+    for r in runs:
+        assert r["finite"], r
+        assert r["moved"] > 0.1, r
+        # float32 sums in another order across replicas; weights themselves are ~0.5.
+        assert r["max_abs_diff"] < 1e-5, r
+
+
+CE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def _trainer(weighting, **kwargs):
+    keras.utils.set_random_seed(0)
+    model = mtl.MultiTaskModel(mtl.backbones.mlp((6,), widths=(8,)),
+                               {"a": mtl.heads.classification(3), "b": mtl.heads.regression(1)})
+    return mtl.Trainer(model, [mtl.Task("a", loss=CE), mtl.Task("b", loss="mse")],
+                       optimizer=keras.optimizers.SGD(0.1), weighting=weighting, **kwargs)
+
+
+def _data():
+    rng = np.random.RandomState(0)
+    x = rng.randn(16, 6).astype(np.float32)
+    return tf.data.Dataset.from_tensors(
+        (x, {"a": (x[:, 0] > 0).astype(np.int64), "b": x[:, 1].copy()})).repeat()
+
+
+def test_heads_get_their_plain_gradient_and_shared_variables_the_methods_direction():
+    trainer = _trainer("mgda")
+    model = trainer.model
+    x, y = next(iter(_data()))
+    before = {id(v): v.numpy() for v in model.trainable_variables}
+    with tf.GradientTape(persistent=True) as tape:
+        out = model(x, training=True)
+        la = CE(y["a"], out["a"])
+        lb = tf.reduce_mean((out["b"][:, 0] - y["b"]) ** 2)
+    shared = model.backbone.trainable_variables
+    ja = tf.concat([tf.reshape(g, [-1]) for g in tape.gradient(la, shared)], 0)
+    jb = tf.concat([tf.reshape(g, [-1]) for g in tape.gradient(lb, shared)], 0)
+    expected_dir = mtl.weighting.get("mgda").__class__()
+    expected_dir.build(["a", "b"], [1.0, 1.0])
+    direction = expected_dir.aggregate(tf.stack([ja, jb])).numpy()
+    head_a = model.heads["a"].trainable_variables
+    grad_head_a = tape.gradient(la, head_a)
+    trainer.fit(_data(), steps=1)
+    got = np.concatenate([(before[id(v)] - v.numpy()).ravel() / 0.1 for v in shared])
+    np.testing.assert_allclose(got, direction, rtol=1e-4, atol=1e-6)
+    for v, g in zip(head_a, grad_head_a):
+        np.testing.assert_allclose((before[id(v)] - v.numpy()) / 0.1, g.numpy(), rtol=1e-4,
+                                   atol=1e-6)
+
+
+def test_method_state_is_checkpointed(tmp_path):
+    trainer = _trainer("famo", model_dir=str(tmp_path), checkpoint_every=3)
+    trainer.fit(_data(), steps=3)
+    logits = trainer.weighting.logits.numpy()
+    assert not np.allclose(logits, 0.0)
+    resumed = _trainer("famo", model_dir=str(tmp_path))
+    np.testing.assert_array_equal(resumed.weighting.logits.numpy(), logits)
+
+
+def test_rep_mode_errors():
+    with pytest.raises(ValueError, match=r"gradient_mode='rep' cannot be used with weighting "
+                                         r"'nash_mtl'"):
+        _trainer("nash_mtl", gradient_mode="rep")
+    with pytest.raises(ValueError, match="Unknown weighting method 'pcgard'"):
+        _trainer("pcgard")
+    with pytest.raises(ValueError, match="takes no option 'alpha'"):
+        mtl.weighting.get("pcgrad", alpha=1.0)
+
+
+def test_diagnostics_report_weights_gradient_norms_and_cosines(tmp_path):
+    trainer = _trainer("equal", model_dir=str(tmp_path), diagnostics_every=2)
+    history = trainer.fit(_data(), steps=4)
+    assert [r["step"] for r in history.diagnostics] == [2, 4]
+    record = history.diagnostics[-1]
+    assert record["a/weight"] == 1.0 and record["b/weight"] == 1.0
+    assert -1.0 <= record["cosine/a__b"] <= 1.0
+    # The reported norms are those of each task's gradient on the backbone for that batch.
+    x, y = next(iter(_data()))
+    model = trainer.model
+    with tf.GradientTape() as tape:
+        loss_a = CE(y["a"], model(x)["a"])
+    grads = tape.gradient(loss_a, model.backbone.trainable_variables)
+    norm = float(tf.sqrt(sum(tf.reduce_sum(g ** 2) for g in grads)))
+    assert record["a/grad_norm"] == pytest.approx(norm, rel=1e-4)
+    tags = set()
+    import glob
+    for path in glob.glob(str(tmp_path / "train" / "events*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            tags.update(v.tag for v in event.summary.value)
+    assert {"diagnostics/a/weight", "diagnostics/b/grad_norm", "diagnostics/cosine/a__b"} <= tags
