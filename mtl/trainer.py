@@ -207,21 +207,42 @@ class Trainer:
         return int(self.step.numpy())
 
     # ------------------------------------------------------------------------------- training
-    def fit(self, data: Data, steps: int, *, eval_data: Data | None = None,
-            eval_every: int | None = None, eval_steps: int | None = None) -> History:
+    def fit(self, data: Data | dict, steps: int, *, eval_data: Data | None = None,
+            eval_every: int | None = None, eval_steps: int | None = None,
+            task_schedule=None) -> History:
         """Trains until the global step reaches `steps` (a resumed run continues from its saved
         step), evaluating every `eval_every` steps and at the end when `eval_data` is given.
 
         `data` yields global batches of (features, labels[, sample_weights]), or is a function
         `(InputContext) -> per-replica batches` (the way to shard input across workers); it should
         repeat (steps, not epochs, decide when training ends).
+
+        Task sampling: with `task_schedule` (from `mtl.data.mixing.task_schedule`), `data` is
+        `{task: batches of that task}` (`mtl.data.mixing.task_datasets`: every batch has all
+        label keys, with sample weight 0 for the other tasks) and each step trains on a batch of
+        the task the schedule draws for that step. All tasks share one compiled step (same
+        batch structure, no retracing); the draw depends only on the seed and the step, so a
+        resumed run draws what the uninterrupted one would.
         """
         if not isinstance(steps, int) or steps < 0:
             raise ValueError(f"steps must be an int >= 0 (the global step to train to); got "
                              f"{steps!r}.")
         if eval_every is not None and (not isinstance(eval_every, int) or eval_every < 1):
             raise ValueError(f"eval_every must be None or an int >= 1; got {eval_every!r}.")
-        self._check_data(data, "train data")
+        if isinstance(data, dict):
+            if task_schedule is None:
+                raise ValueError("fit: data is a dict of per-task datasets; pass task_schedule= "
+                                 "(mtl.data.mixing.task_schedule) to say which task trains when.")
+            names = list(getattr(task_schedule, "tasks", data))
+            if sorted(data) != sorted(names):
+                raise ValueError(f"fit: the per-task datasets are for tasks {sorted(data)}, but "
+                                 f"the task schedule draws from {sorted(names)}.")
+            for task, dataset in data.items():
+                self._check_data(dataset, f"train data of task {task!r}")
+        else:
+            if task_schedule is not None:
+                raise ValueError("fit: task_schedule needs data as {task: dataset}.")
+            self._check_data(data, "train data")
         if eval_data is not None:
             self._check_data(eval_data, "eval data")
         history = History()
@@ -229,12 +250,13 @@ class Trainer:
         if start >= steps:
             logging.info("Already at step %d >= %d: nothing to train.", start, steps)
             return history
-        iterator = self._make_iterator(data)
+        iterator = self._make_iterator(data, task_schedule)
         diagnostics_batch = None
         if self.diagnostics_every:
             # A fixed batch from a separate iterator: the training stream is not disturbed and
             # successive diagnostics are comparable.
-            diagnostics_batch = next(iter(self._distribute(data)))
+            first = next(iter(data.values())) if isinstance(data, dict) else data
+            diagnostics_batch = next(iter(self._distribute(first)))
         boundaries = [b for b in (self.log_every, eval_every, self.checkpoint_every,
                                   self.diagnostics_every) if b]
         bar = progress.progress_bar(total=steps, initial=start, enabled=self.is_chief)
@@ -248,8 +270,16 @@ class Trainer:
                 # Run up to the next step where something happens outside the compiled loop.
                 next_stop = min([steps] + [(step // b + 1) * b for b in boundaries])
                 n = min(self.steps_per_loop, next_stop - step)
+                loop_iterator = iterator
+                if task_schedule is not None:
+                    # Run the steps up to the next change of task in one call.
+                    drawn = np.asarray(task_schedule.task_indices(step, n))
+                    changes = np.nonzero(drawn != drawn[0])[0]
+                    if changes.size:
+                        n = int(changes[0])
+                    loop_iterator = iterator[task_schedule.tasks[int(drawn[0])]]
                 task_losses, total, num_examples, steps_run, last = self._steps.train_loop(
-                    iterator, tf.constant(n, tf.int32))
+                    loop_iterator, tf.constant(n, tf.int32))
                 if int(steps_run) < n:
                     self._raise_nonfinite(last.numpy())
                 task_losses = task_losses.numpy() * n
@@ -280,8 +310,9 @@ class Trainer:
                     self.save()
         return history
 
-    def _make_iterator(self, data: Data):
-        """An iterator over `data` that continues where a restored run left off.
+    def _make_iterator(self, data, task_schedule=None):
+        """An iterator over `data` (a dict of them for task sampling) that continues where a
+        restored run left off.
 
         On one replica the iterator itself is saved in the checkpoint (`checkpoint_input`), so a
         resumed run reads exactly the batches the interrupted one would have. Otherwise (several
@@ -291,26 +322,50 @@ class Trainer:
         """
         resume = self._restored_path is not None and not self._input_resumed
         self._input_resumed = True
-        consumed = self.global_step * self.grad_accum_steps if resume else 0
-        if isinstance(data, tf.data.Dataset) and self.strategy.num_replicas_in_sync == 1 \
-                and self.checkpoint_input:
-            iterator = iter(data)
-            if resume and _has_input(self._restored_path):
-                tf.train.Checkpoint(input=iterator).restore(self._restored_path).expect_partial()
-                logging.info("Input pipeline restored to step %d.", self.global_step)
-            elif consumed:
-                iterator = iter(data.skip(consumed))
-                logging.info("Skipped %d batches already trained on.", consumed)
-            self.checkpoint.input = iterator  # Saved with every checkpoint from now on.
-            return iterator
-        if consumed:
-            logging.info("Skipping %d batches already trained on.", consumed)
+        k = self.grad_accum_steps
+        if isinstance(data, dict):
+            consumed = dict.fromkeys(data, 0)
+            if resume and self.global_step:
+                drawn = np.asarray(task_schedule.task_indices(0, self.global_step))
+                for i, task in enumerate(task_schedule.tasks):
+                    consumed[task] = int(np.sum(drawn == i)) * k
+            if all(self._saves_input(ds) for ds in data.values()):
+                iterators = {task: self._iterator(ds, 0) for task, ds in data.items()}
+                return self._resume_input(iterators, resume, data, consumed)
+            return {task: self._iterator(ds, consumed[task]) for task, ds in data.items()}
+        consumed = self.global_step * k if resume else 0
+        iterator = self._iterator(data, consumed if not self._saves_input(data) else 0)
+        if self._saves_input(data):
+            return self._resume_input(iterator, resume, data, consumed)
+        return iterator
+
+    def _saves_input(self, data) -> bool:
+        return (isinstance(data, tf.data.Dataset) and self.checkpoint_input
+                and self.strategy.num_replicas_in_sync == 1)
+
+    def _iterator(self, data, skip: int):
+        if skip:
+            logging.info("Skipping %d batches already trained on.", skip)
             if isinstance(data, tf.data.Dataset):
-                data = data.skip(consumed)
+                data = data.skip(skip)
             else:
                 make = data
-                data = lambda context: make(context).skip(consumed)  # noqa: E731
+                data = lambda context: make(context).skip(skip)  # noqa: E731
         return iter(self._distribute(data))
+
+    def _resume_input(self, iterators, resume: bool, data, consumed):
+        """Restores the saved input position into `iterators` (or skips what was consumed) and
+        tracks them in the checkpoint from now on."""
+        if resume and _has_input(self._restored_path):
+            tf.train.Checkpoint(input=iterators).restore(self._restored_path).expect_partial()
+            logging.info("Input pipeline restored to step %d.", self.global_step)
+        elif resume and (sum(consumed.values()) if isinstance(consumed, dict) else consumed):
+            if isinstance(data, dict):
+                iterators = {t: self._iterator(ds, consumed[t]) for t, ds in data.items()}
+            else:
+                iterators = self._iterator(data, consumed)
+        self.checkpoint.input = iterators  # Saved with every checkpoint from now on.
+        return iterators
 
     def _any_worker(self, flag: bool) -> bool:
         """True when `flag` is set on any worker (multi-worker runs must stop together)."""

@@ -55,7 +55,7 @@ def test_only_the_chief_writes_to_model_dir_and_its_checkpoint_restores(runs):
     out, _ = runs
     checkpoints = sorted(os.listdir(out / "run" / "checkpoints"))
     assert checkpoints == ["checkpoint", "ckpt-10.data-00000-of-00001", "ckpt-10.index",
-                           "ckpt-5.data-00000-of-00001", "ckpt-5.index"]
+                           "ckpt-5.data-00000-of-00001", "ckpt-5.index", "model_signature.json"]
     sys.path.insert(0, os.path.dirname(WORKER))
     try:
         import multi_worker_train

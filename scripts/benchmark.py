@@ -1,0 +1,260 @@
+#!/usr/bin/env python
+"""Step-time benchmark: mtl.Trainer against the loops users would pick instead.
+
+One process, one model, the same data and global batch for every variant; after a warm-up, each
+variant trains `--steps` steps `--repeats` times and the median time per step is reported, with
+the ratio to `mtl.Trainer` in its default settings (ratio > 1: slower than mtl):
+
+  mtl                    mtl.Trainer, defaults (one step per compiled call)
+  mtl/steps_per_loop=N   N steps inside one compiled call
+  mtl/jit_compile        XLA for forward + backward
+  mtl/bfloat16, float16  mixed precision (float16 with dynamic loss scaling)
+  mtl/grad_accum=2       two micro-batches of half the batch per update (same examples/step)
+  keras_fit              Keras model.fit on the same multi-output model, same losses and loss
+                         weights, steps_per_execution = --steps_per_loop
+  naive_per_task         one Keras model per task sharing the backbone layer objects, each
+                         trained with its own fit call in turn on the same batches
+  bare_step              a bare compiled GradientTape step called in a Python loop (the floor)
+  mtl/pipeline           mtl.Trainer fed by the real TFDS pipeline instead of in-memory tensors
+  weighting/<method>     (--weighting) mtl.Trainer with each weighting method, exact and rep mode
+
+    python scripts/benchmark.py                                   # CPU, multi_digits, small_cnn
+    python scripts/benchmark.py --weighting=all --out=bench.json  # + per-method step cost
+    python scripts/benchmark.py --strategy=mirrored --num_gpus=2  # on a GPU workstation
+
+Absolute times depend on the machine and its load; compare ratios from one run.
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import json  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+import mtl  # noqa: E402
+from mtl.data import multi_digits  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("backbone", "small_cnn", "Backbone builder.")
+flags.DEFINE_list("tasks", ["left", "right", "sum"], "multi_digits tasks.")
+flags.DEFINE_integer("batch_size", 64, "Global batch size.")
+flags.DEFINE_integer("steps", 50, "Timed steps per repetition.")
+flags.DEFINE_integer("repeats", 5, "Timed repetitions (the median is reported).")
+flags.DEFINE_integer("steps_per_loop", 10, "N for mtl/steps_per_loop and keras_fit's "
+                     "steps_per_execution.")
+flags.DEFINE_list("variants", ["mtl", "mtl/steps_per_loop", "mtl/jit_compile", "mtl/bfloat16",
+                               "mtl/float16", "mtl/grad_accum", "keras_fit", "naive_per_task",
+                               "bare_step", "mtl/pipeline"], "Variants to run.")
+flags.DEFINE_list("weighting", [], "Weighting methods to time ('all' for every method).")
+flags.DEFINE_string("strategy", "default", "Distribution strategy name.")
+flags.DEFINE_integer("num_gpus", None, "GPUs for --strategy=mirrored.")
+flags.DEFINE_integer("cpu_replicas", None, "Logical CPU replicas for --strategy=mirrored.")
+flags.DEFINE_string("data_dir", None, "TFDS data folder.")
+flags.DEFINE_string("out", "benchmark_results/benchmark.json", "Where to write the JSON table.")
+
+CE = keras.losses.SparseCategoricalCrossentropy
+
+
+def task_specs():
+    specs = {"left": (lambda: mtl.heads.classification(10), lambda: CE(from_logits=True), 1.0),
+             "right": (lambda: mtl.heads.classification(10), lambda: CE(from_logits=True), 1.0),
+             "sum": (lambda: mtl.heads.regression(1, hidden=(64,)),
+                     lambda: keras.losses.MeanSquaredError(), 0.1)}
+    return {name: specs[name] for name in FLAGS.tasks}
+
+
+def build_model(seed=0):
+    keras.utils.set_random_seed(seed)
+    backbone = mtl.backbones.get(FLAGS.backbone, multi_digits.IMAGE_SHAPE)
+    return mtl.MultiTaskModel(backbone, {t: head() for t, (head, _, _) in task_specs().items()})
+
+
+def mtl_tasks():
+    return [mtl.Task(t, loss=loss(), weight=w) for t, (_, loss, w) in task_specs().items()]
+
+
+def in_memory_data(batch_size):
+    """A few distinct batches of real multi_digits examples, as tensors, repeated."""
+    ds = multi_digits.load("train", batch_size=batch_size, training=True, tasks=FLAGS.tasks,
+                           data_dir=FLAGS.data_dir, seed=0)
+    batches = list(ds.take(8))
+    stacked = tf.nest.map_structure(lambda *t: tf.stack(t), *batches)
+    return tf.data.Dataset.from_tensor_slices(stacked).cache().repeat()
+
+
+def timed(run_steps, steps, repeats):
+    """run_steps(n) trains n steps; returns the median seconds per step."""
+    run_steps(max(steps // 5, 2))  # warm-up: tracing and compilation
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run_steps(steps)
+        times.append((time.perf_counter() - start) / steps)
+    return statistics.median(times)
+
+
+def mtl_variant(strategy, data, policy="float32", weighting="equal", **trainer_args):
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        with strategy.scope():
+            model = build_model()
+            trainer = mtl.Trainer(model, mtl_tasks(), optimizer=keras.optimizers.Adam(1e-3),
+                                  weighting=weighting, strategy=strategy, log_every=10 ** 9,
+                                  checkpoint_every=None, **trainer_args)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+    def run(n):
+        trainer.fit(data, steps=trainer.global_step + n)
+
+    return run
+
+
+def keras_fit_variant(strategy, data):
+    with strategy.scope():
+        model = build_model()
+        specs = task_specs()
+        model.compile(optimizer=keras.optimizers.Adam(1e-3),
+                      loss={t: loss() for t, (_, loss, _) in specs.items()},
+                      loss_weights={t: w for t, (_, _, w) in specs.items()},
+                      steps_per_execution=FLAGS.steps_per_loop)
+    iterator_data = data
+
+    def run(n):
+        model.fit(iterator_data, steps_per_epoch=n, epochs=1, verbose=0)
+
+    return run
+
+
+def naive_variant(strategy, data):
+    with strategy.scope():
+        joint = build_model()
+        specs = task_specs()
+        models = {}
+        for t, (_, loss, w) in specs.items():
+            models[t] = keras.Model(joint.inputs, joint.task_model(t).outputs)
+            models[t].compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss())
+    per_task = {t: data.map(lambda x, y, t=t: (x, y[t])) for t in specs}
+
+    def run(n):
+        for t, model in models.items():  # each task in turn, n steps each
+            model.fit(per_task[t], steps_per_epoch=n, epochs=1, verbose=0)
+
+    return run
+
+
+def bare_variant(strategy, data):
+    model = build_model()
+    specs = task_specs()
+    losses = {t: loss() for t, (_, loss, _) in specs.items()}
+    weights = {t: w for t, (_, _, w) in specs.items()}
+    optimizer = keras.optimizers.Adam(1e-3)
+    optimizer.build(model.trainable_variables)
+    iterator = iter(data)
+
+    @tf.function
+    def step(x, y):
+        with tf.GradientTape() as tape:
+            out = model(x, training=True)
+            total = tf.add_n([weights[t] * losses[t](y[t], out[t]) for t in specs])
+        grads = tape.gradient(total, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return total
+
+    def run(n):
+        for _ in range(n):
+            x, y = next(iterator)
+            step(x, y)
+        step(x, y).numpy()  # wait for the device
+
+    return run
+
+
+def main(argv):
+    del argv
+    strategy = mtl.distribute.get_strategy(FLAGS.strategy, num_gpus=FLAGS.num_gpus,
+                                           cpu_replicas=FLAGS.cpu_replicas)
+    batch = FLAGS.batch_size
+    memory = in_memory_data(batch)
+    n = FLAGS.steps_per_loop
+    builders = {
+        "mtl": lambda: mtl_variant(strategy, memory),
+        "mtl/steps_per_loop": lambda: mtl_variant(strategy, memory, steps_per_loop=n),
+        "mtl/jit_compile": lambda: mtl_variant(strategy, memory, steps_per_loop=n,
+                                               jit_compile=True),
+        "mtl/bfloat16": lambda: mtl_variant(strategy, memory, policy="mixed_bfloat16",
+                                            steps_per_loop=n),
+        "mtl/float16": lambda: mtl_variant(strategy, memory, policy="mixed_float16",
+                                           steps_per_loop=n),
+        "mtl/grad_accum": lambda: mtl_variant(strategy, in_memory_data(batch // 2),
+                                              steps_per_loop=n, grad_accum_steps=2),
+        "keras_fit": lambda: keras_fit_variant(strategy, memory),
+        "naive_per_task": lambda: naive_variant(strategy, memory),
+        "bare_step": lambda: bare_variant(strategy, memory),
+        "mtl/pipeline": lambda: mtl_variant(strategy, multi_digits.load(
+            "train", batch_size=batch, training=True, tasks=FLAGS.tasks,
+            data_dir=FLAGS.data_dir, seed=0)),
+    }
+    names = [v for v in FLAGS.variants]
+    unknown = [v for v in names if v not in builders]
+    if unknown:
+        raise app.UsageError(f"Unknown variant {unknown[0]!r}; choose from {sorted(builders)}.")
+    methods = sorted(mtl.weighting.METHODS) if FLAGS.weighting == ["all"] else FLAGS.weighting
+    for method in methods:
+        cls = mtl.weighting.METHODS[method]
+        modes = ["exact"] + (["rep"] if getattr(cls, "supports_rep", False)
+                             and getattr(cls, "uses_gramian", False) else [])
+        for mode in modes:
+            builders[f"weighting/{method}/{mode}"] = (
+                lambda m=method, g=mode: mtl_variant(strategy, memory, weighting=m,
+                                                     gradient_mode=g, steps_per_loop=n))
+            names.append(f"weighting/{method}/{mode}")
+    if methods and "weighting/equal/exact" not in names:
+        names.insert(0, "weighting/equal/exact")
+        builders["weighting/equal/exact"] = lambda: mtl_variant(strategy, memory,
+                                                                steps_per_loop=n)
+    results = {}
+    for name in names:
+        seconds = timed(builders[name](), FLAGS.steps, FLAGS.repeats)
+        results[name] = {"ms_per_step": seconds * 1e3, "examples_per_sec": batch / seconds}
+        print(f"{name:32s} {seconds * 1e3:9.2f} ms/step", flush=True)
+    base = results.get("mtl", next(iter(results.values())))["ms_per_step"]
+    equal = results.get("weighting/equal/exact", {}).get("ms_per_step")
+    for name, r in results.items():
+        r["time_vs_mtl"] = r["ms_per_step"] / base
+        if equal and name.startswith("weighting/"):
+            r["time_vs_equal"] = r["ms_per_step"] / equal
+    print(format_table(results))
+    os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
+    with open(FLAGS.out, "w") as f:
+        json.dump({"machine": machine(), "strategy": FLAGS.strategy,
+                   "replicas": strategy.num_replicas_in_sync, "batch_size": batch,
+                   "backbone": FLAGS.backbone, "tasks": FLAGS.tasks,
+                   "steps_per_loop": n, "results": results}, f, indent=2)
+    print(f"wrote {FLAGS.out}")
+
+
+def machine() -> str:
+    gpus = tf.config.list_physical_devices("GPU")
+    return f"{os.cpu_count()} CPU cores" + (f", {len(gpus)} GPU(s)" if gpus else ", no GPU")
+
+
+def format_table(results) -> str:
+    lines = [f"| variant | ms/step | examples/s | time vs mtl | time vs equal |",
+             "|---|---:|---:|---:|---:|"]
+    for name, r in results.items():
+        vs_equal = f"{r['time_vs_equal']:.2f}x" if "time_vs_equal" in r else ""
+        lines.append(f"| {name} | {r['ms_per_step']:.2f} | {r['examples_per_sec']:.0f} | "
+                     f"{r['time_vs_mtl']:.2f}x | {vs_equal} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    app.run(main)
