@@ -112,6 +112,23 @@ class MultiTaskModel(keras.Model):
     def task_names(self) -> tuple[str, ...]:
         return tuple(self._mtl.heads)
 
+    def add_heads(self, heads: Mapping[str, keras.layers.Layer], *,
+                  name: str | None = None) -> "MultiTaskModel":
+        """A new MultiTaskModel with this one's backbone and heads plus `heads`.
+
+        The layers are the same objects: training the new model goes on from what this one
+        learned (e.g. add task B to a backbone trained on task A; freeze what should not move
+        with `mtl.FineTuning` or `layer.trainable = False`).
+        """
+        if self.backbone is None:
+            raise ValueError("add_heads needs a MultiTaskModel built from a backbone and heads.")
+        heads = _check_heads(heads)
+        clash = sorted(set(heads) & set(self.task_names))
+        if clash:
+            raise ValueError(f"add_heads: task {clash[0]!r} already has a head; the model's "
+                             f"tasks are {list(self.task_names)}.")
+        return MultiTaskModel(self.backbone, {**self._mtl.heads, **heads}, name=name or self.name)
+
     def task_model(self, name: str) -> keras.Model:
         """A plain `keras.Model` for one task, sharing the very same layer objects."""
         if name not in self._mtl.heads:

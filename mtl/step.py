@@ -168,7 +168,8 @@ class StepFunctions:
                  eval_losses: dict, step: tf.Variable, shared_variables=(),
                  grad_accum_steps: int = 1, jit_compile: bool = False,
                  loss_scale: LossScale | None = None, on_nonfinite: str = "stop",
-                 skipped_steps: tf.Variable | None = None, gradient_mode: str = "exact"):
+                 skipped_steps: tf.Variable | None = None, gradient_mode: str = "exact",
+                 backbone_optimizer=None, backbone_ids=frozenset()):
         self.model = model
         self.tasks = tuple(tasks)
         self.weighting = weighting
@@ -184,6 +185,8 @@ class StepFunctions:
         self.on_nonfinite = on_nonfinite
         self.skipped_steps = skipped_steps
         self.gradient_mode = gradient_mode
+        self.backbone_optimizer = backbone_optimizer
+        self.backbone_ids = set(backbone_ids)
         self.task_weights = tf.constant([t.weight for t in self.tasks], tf.float32)
         self.is_gradient_method = isinstance(weighting, GradientWeighting)
         shared_ids = {id(v) for v in shared_variables}
@@ -361,7 +364,16 @@ class StepFunctions:
             replicas = float(self.strategy.num_replicas_in_sync)
             pairs += [(tf.identity(g) / replicas, v)
                       for g, v in zip(shared_gradients, self.shared_variables)]
-        self.optimizer.apply_gradients(pairs)
+        if self.backbone_optimizer is None:
+            self.optimizer.apply_gradients(pairs)
+            return
+        # The backbone's variables have their own optimizer (a multiple of the learning rate).
+        backbone = [(g, v) for g, v in pairs if id(v) in self.backbone_ids]
+        rest = [(g, v) for g, v in pairs if id(v) not in self.backbone_ids]
+        if backbone:
+            self.backbone_optimizer.apply_gradients(backbone)
+        if rest:
+            self.optimizer.apply_gradients(rest)
 
     def _replica_apply_accumulated(self, shared_gradients):
         self._replica_apply([a.read_value() for a in self.accumulators], shared_gradients)

@@ -22,6 +22,8 @@ from absl import logging
 from mtl import progress, validation
 from mtl import weighting as weighting_lib
 from mtl.model import MultiTaskModel
+from mtl.finetune import (FineTuning, layers_to_unfreeze, scaled_optimizer,
+                          trainable_weights_when_unfrozen)
 from mtl.step import LossScale, StepFunctions
 from mtl.tasks import Task
 
@@ -98,7 +100,8 @@ class Trainer:
                  log_every: int = 100, checkpoint_every: int | None = 1000,
                  max_to_keep: int = 3, grad_accum_steps: int = 1, jit_compile: bool = False,
                  on_nonfinite: str = "stop", gradient_mode: str = "exact",
-                 checkpoint_input: bool = True, diagnostics_every: int | None = None):
+                 checkpoint_input: bool = True, diagnostics_every: int | None = None,
+                 fine_tuning: FineTuning | None = None):
         tasks = list(tasks)
         for task in tasks:
             if not isinstance(task, Task):
@@ -136,18 +139,40 @@ class Trainer:
         self.grad_accum_steps = grad_accum_steps
         self.checkpoint_input = checkpoint_input
         self.diagnostics_every = diagnostics_every
+        self.fine_tuning = fine_tuning or FineTuning()
+        self._gradient_mode = gradient_mode
+        self._jit_compile = jit_compile
         self.steps_per_loop = steps_per_loop
         self.log_every = log_every
         self.checkpoint_every = checkpoint_every
         self._check_built_in_scope()
 
+        backbone = getattr(model, "backbone", None)
+        fine = self.fine_tuning
+        if (fine.freeze_backbone or fine.backbone_lr_multiplier != 1.0) and backbone is None:
+            raise ValueError("fine_tuning needs a MultiTaskModel built from a backbone and heads.")
+        self._to_unfreeze = []
+        if fine.freeze_backbone:
+            backbone.trainable = False  # Frozen layers run in inference mode (BatchNorm too).
+            if fine.unfreeze_at_step is not None:
+                self._to_unfreeze = layers_to_unfreeze(backbone, fine.unfreeze_top_layers)
         with self.strategy.scope():
             self.weighting.build([t.name for t in self.tasks], [t.weight for t in self.tasks])
-            self.variables = _unique(list(model.trainable_variables)
-                                     + list(self.weighting.trainable_variables))
+            self.variables = self._trainable_now()
+            # Variables that become trainable later get optimizer slots now.
+            later = trainable_weights_when_unfrozen(self._to_unfreeze)
+            candidates = _unique(self.variables + later)
+            backbone_ids = {id(v) for v in (backbone.weights if backbone is not None else [])}
+            self.backbone_optimizer = None
+            if fine.backbone_lr_multiplier != 1.0:
+                self.backbone_optimizer = scaled_optimizer(self.optimizer,
+                                                           fine.backbone_lr_multiplier)
+                self.backbone_optimizer.build([v for v in candidates if id(v) in backbone_ids])
+                candidates = [v for v in candidates if id(v) not in backbone_ids]
+            self._backbone_ids = backbone_ids
             # Keras 3 under MirroredStrategy needs the optimizer's slots built in the scope
             # before the first compiled step.
-            self.optimizer.build(self.variables)
+            self.optimizer.build(candidates)
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
             self.train_metrics = {t.name: t.build_metrics() for t in self.tasks}
             self.eval_metrics = {t.name: t.build_metrics() for t in self.tasks}
@@ -156,15 +181,10 @@ class Trainer:
                                              name="skipped_steps")
             # float16 compute needs loss scaling; bfloat16 and float32 do not.
             self.loss_scale = LossScale() if _computes_in_float16(model) else None
-        self._steps = StepFunctions(
-            model=model, tasks=self.tasks, weighting=self.weighting, optimizer=self.optimizer,
-            strategy=self.strategy, variables=self.variables, train_metrics=self.train_metrics,
-            eval_metrics=self.eval_metrics, eval_losses=self.eval_losses, step=self.step,
-            shared_variables=shared_variables(model, [t.name for t in self.tasks]),
-            grad_accum_steps=grad_accum_steps, jit_compile=jit_compile,
-            loss_scale=self.loss_scale, on_nonfinite=on_nonfinite,
-            skipped_steps=self.skipped_steps, gradient_mode=gradient_mode)
+        self._build_step()
         extra = {"loss_scale": self.loss_scale} if self.loss_scale is not None else {}
+        if self.backbone_optimizer is not None:
+            extra["backbone_optimizer"] = self.backbone_optimizer
         self.checkpoint = tf.train.Checkpoint(
             model=model, optimizer=self.optimizer, step=self.step, weighting=self.weighting,
             skipped_steps=self.skipped_steps,
@@ -181,6 +201,40 @@ class Trainer:
             self._manager = tf.train.CheckpointManager(
                 self.checkpoint, os.path.join(model_dir, "checkpoints"), max_to_keep=max_to_keep)
             self.restore()
+        self._maybe_unfreeze()
+
+    def _trainable_now(self) -> list:
+        return _unique(list(self.model.trainable_variables)
+                       + list(self.weighting.trainable_variables))
+
+    def _build_step(self) -> None:
+        """(Re)creates the compiled functions for the currently trainable variables."""
+        self._steps = StepFunctions(
+            model=self.model, tasks=self.tasks, weighting=self.weighting,
+            optimizer=self.optimizer, strategy=self.strategy, variables=self.variables,
+            train_metrics=self.train_metrics, eval_metrics=self.eval_metrics,
+            eval_losses=self.eval_losses, step=self.step,
+            shared_variables=shared_variables(self.model, [t.name for t in self.tasks]),
+            grad_accum_steps=self.grad_accum_steps, jit_compile=self._jit_compile,
+            loss_scale=self.loss_scale, on_nonfinite=self.on_nonfinite,
+            skipped_steps=self.skipped_steps, gradient_mode=self._gradient_mode,
+            backbone_optimizer=self.backbone_optimizer, backbone_ids=self._backbone_ids)
+
+    def _maybe_unfreeze(self) -> None:
+        """Unfreezes the scheduled backbone layers once the global step reaches the schedule."""
+        at = self.fine_tuning.unfreeze_at_step
+        if at is None or not self._to_unfreeze or self.global_step < at:
+            return
+        for layer in self._to_unfreeze:
+            layer.trainable = True
+        self.model.backbone.trainable = True if self.fine_tuning.unfreeze_top_layers is None \
+            else self.model.backbone.trainable
+        self.variables = self._trainable_now()
+        logging.info("Step %d: unfroze %d backbone layers (%s); %d trainable variables.",
+                     self.global_step, len(self._to_unfreeze),
+                     ", ".join(layer.name for layer in self._to_unfreeze), len(self.variables))
+        self._to_unfreeze = []
+        self._build_step()
 
     def _check_built_in_scope(self) -> None:
         """The model's and the optimizer's variables must belong to this trainer's strategy."""
@@ -259,6 +313,7 @@ class Trainer:
             diagnostics_batch = next(iter(self._distribute(first)))
         boundaries = [b for b in (self.log_every, eval_every, self.checkpoint_every,
                                   self.diagnostics_every) if b]
+        unfreeze_at = self.fine_tuning.unfreeze_at_step if self._to_unfreeze else None
         bar = progress.progress_bar(total=steps, initial=start, enabled=self.is_chief)
         loss_sum, total_sum, seen, examples = None, 0.0, 0, 0
         interval_start = time.perf_counter()
@@ -268,7 +323,8 @@ class Trainer:
                     self._stop_gracefully(stop.received or "a signal on another worker")
                 step = self.global_step
                 # Run up to the next step where something happens outside the compiled loop.
-                next_stop = min([steps] + [(step // b + 1) * b for b in boundaries])
+                next_stop = min([steps] + [(step // b + 1) * b for b in boundaries]
+                                + ([unfreeze_at] if unfreeze_at and unfreeze_at > step else []))
                 n = min(self.steps_per_loop, next_stop - step)
                 loop_iterator = iterator
                 if task_schedule is not None:
@@ -278,6 +334,7 @@ class Trainer:
                     if changes.size:
                         n = int(changes[0])
                     loop_iterator = iterator[task_schedule.tasks[int(drawn[0])]]
+                self._maybe_unfreeze()
                 task_losses, total, num_examples, steps_run, last = self._steps.train_loop(
                     loop_iterator, tf.constant(n, tf.int32))
                 if int(steps_run) < n:
@@ -545,8 +602,9 @@ class Trainer:
             + ". Move the folder away to start afresh.")
 
     def _signature(self) -> dict:
+        # All the model's weights, trainable or not, so that freezing does not change it.
         return {"tasks": [t.name for t in self.tasks],
-                "variables": [[v.path, list(v.shape)] for v in self.variables]}
+                "variables": [[v.path, list(v.shape)] for v in self.model.weights]}
 
     def _write_summaries(self, split: str, step: int, scalars: dict) -> None:
         if not self.model_dir or not self.is_chief:
@@ -676,7 +734,7 @@ def _check_signature(directory: str, signature: dict) -> None:
                 "another model_dir (nothing was loaded).")
     if len(ours) != len(theirs):
         raise CheckpointReadError(
-            f"{directory} holds a different model: {len(theirs)} trainable variables there, "
+            f"{directory} holds a different model: {len(theirs)} variables there, "
             f"{len(ours)} here; use another model_dir (nothing was loaded).")
 
 

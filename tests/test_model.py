@@ -121,3 +121,14 @@ def test_bad_heads():
         mtl.MultiTaskModel(backbone, {})
     with pytest.raises(TypeError, match="backbone must be a keras.Model"):
         mtl.MultiTaskModel(lambda x: x, {"a": mtl.heads.regression()})
+
+
+def test_add_heads_shares_the_trained_layers():
+    model = _model()
+    bigger = model.add_heads({"c": mtl.heads.regression(2)})
+    assert bigger.task_names == ("a", "b", "c")
+    assert bigger.backbone is model.backbone and bigger.heads["a"] is model.heads["a"]
+    x = tf.random.normal([3, 6])
+    np.testing.assert_allclose(bigger(x)["a"].numpy(), model(x)["a"].numpy(), rtol=1e-6)
+    with pytest.raises(ValueError, match="task 'a' already has a head"):
+        model.add_heads({"a": mtl.heads.regression(1)})
