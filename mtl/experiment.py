@@ -16,6 +16,7 @@ import tensorflow as tf
 from absl import logging
 
 from mtl import distribute, optimizers, progress
+from mtl.finetune import FineTuning
 from mtl.flags import Config
 from mtl.tasks import Task
 from mtl.trainer import Trainer
@@ -105,6 +106,11 @@ def train_and_evaluate(experiment: Experiment, config: Config) -> dict:
     eval_ds = experiment.eval_data(config, task_names)
     with strategy.scope():
         model = experiment.model(config, task_names)
+        if config.init_backbone_from:
+            from mtl import transfer
+
+            transfer.init_backbone(model.backbone, config.init_backbone_from)
+            logging.info("Backbone initialised from %s.", config.init_backbone_from)
         trainer = Trainer(model, tasks, optimizer=optimizers.get(config.optimizer,
                                                                   config.learning_rate),
                           weighting=config.weighting, model_dir=model_dir, strategy=strategy,
@@ -115,7 +121,12 @@ def train_and_evaluate(experiment: Experiment, config: Config) -> dict:
                           jit_compile=config.jit_compile, on_nonfinite=config.on_nonfinite,
                           gradient_mode=config.gradient_mode,
                           checkpoint_input=config.checkpoint_input,
-                          diagnostics_every=config.diagnostics_every or None)
+                          diagnostics_every=config.diagnostics_every or None,
+                          fine_tuning=FineTuning(
+                              freeze_backbone=config.freeze_backbone,
+                              unfreeze_at_step=config.unfreeze_at_step,
+                              unfreeze_top_layers=config.unfreeze_top_layers,
+                              backbone_lr_multiplier=config.backbone_lr_multiplier))
     if trainer.is_chief:
         os.makedirs(model_dir, exist_ok=True)
         with open(os.path.join(model_dir, "config.json"), "w") as f:

@@ -47,6 +47,11 @@ class Config:
     deterministic: bool = False
     checkpoint_input: bool = True
     diagnostics_every: int = 1000
+    init_backbone_from: str | None = None
+    freeze_backbone: bool = False
+    unfreeze_at_step: int | None = None
+    unfreeze_top_layers: int | None = None
+    backbone_lr_multiplier: float = 1.0
 
     def __post_init__(self):
         for name in ("train_steps", "seed", "diagnostics_every"):
@@ -78,6 +83,15 @@ class Config:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name}={getattr(self, name)!r} is unknown; expected one of "
                                  f"{list(allowed)}.")
+        if self.unfreeze_at_step is not None:
+            _check_int("unfreeze_at_step", self.unfreeze_at_step, minimum=0)
+            if not self.freeze_backbone:
+                raise ValueError("--unfreeze_at_step needs --freeze_backbone (nothing is frozen).")
+        if self.unfreeze_top_layers is not None:
+            _check_int("unfreeze_top_layers", self.unfreeze_top_layers, minimum=1)
+        if not self.backbone_lr_multiplier > 0:
+            raise ValueError(f"--backbone_lr_multiplier must be > 0; got "
+                             f"{self.backbone_lr_multiplier!r}.")
         if self.tasks is not None and not self.tasks:
             raise ValueError("--tasks is empty; name at least one task or leave it unset.")
 
@@ -147,6 +161,18 @@ def define_flags(**defaults) -> None:
                   "For gradient-based weighting: per-task gradients of all shared variables "
                   "(exact) or of the shared representation (rep, cheaper).")
     f.DEFINE_integer("max_to_keep", values["max_to_keep"], "Checkpoints kept in model_dir.")
+    f.DEFINE_string("init_backbone_from", values["init_backbone_from"],
+                    "Start the backbone from another run (its model_dir or a checkpoint) or a "
+                    "local Keras weights file; the heads start fresh.")
+    f.DEFINE_bool("freeze_backbone", values["freeze_backbone"],
+                  "Keep the backbone fixed (inference mode: BatchNorm statistics do not move).")
+    f.DEFINE_integer("unfreeze_at_step", values["unfreeze_at_step"],
+                     "With --freeze_backbone: step at which backbone layers become trainable.")
+    f.DEFINE_integer("unfreeze_top_layers", values["unfreeze_top_layers"],
+                     "How many of the backbone's top layers with weights to unfreeze "
+                     "(default: all).")
+    f.DEFINE_float("backbone_lr_multiplier", values["backbone_lr_multiplier"],
+                   "The backbone's learning rate as a multiple of the heads' rate.")
     f.DEFINE_integer("diagnostics_every", values["diagnostics_every"],
                      "Steps between task-gradient diagnostics in TensorBoard (weights, gradient "
                      "norms, pairwise cosines); 0 turns them off.")
