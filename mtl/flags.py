@@ -30,7 +30,7 @@ class Config:
     eval_steps: int | None = None
     checkpoint_every: int = 500
     log_every: int = 100
-    steps_per_loop: int = 1
+    steps_per_loop: int = 10
     seed: int = 0
     data_dir: str | None = None
     backbone: str = "small_cnn"

@@ -96,7 +96,7 @@ class Trainer:
 
     def __init__(self, model: keras.Model, tasks: Sequence[Task], *, optimizer,
                  weighting="equal", model_dir: str | None = None,
-                 strategy: tf.distribute.Strategy | None = None, steps_per_loop: int = 1,
+                 strategy: tf.distribute.Strategy | None = None, steps_per_loop: int = 10,
                  log_every: int = 100, checkpoint_every: int | None = 1000,
                  max_to_keep: int = 3, grad_accum_steps: int = 1, jit_compile: bool = False,
                  on_nonfinite: str = "stop", gradient_mode: str = "exact",

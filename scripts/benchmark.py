@@ -5,13 +5,15 @@ One process, one model, the same data and global batch for every variant; after 
 variant trains `--steps` steps `--repeats` times and the median time per step is reported, with
 the ratio to `mtl.Trainer` in its default settings (ratio > 1: slower than mtl):
 
-  mtl                    mtl.Trainer, defaults (one step per compiled call)
-  mtl/steps_per_loop=N   N steps inside one compiled call
+  mtl                    mtl.Trainer, defaults (10 steps per compiled call)
+  mtl/steps_per_loop=1   one step per compiled call
+  mtl/steps_per_loop=N   N (--steps_per_loop) steps inside one compiled call
   mtl/jit_compile        XLA for forward + backward
   mtl/bfloat16, float16  mixed precision (float16 with dynamic loss scaling)
   mtl/grad_accum=2       two micro-batches of half the batch per update (same examples/step)
   keras_fit              Keras model.fit on the same multi-output model, same losses and loss
-                         weights, steps_per_execution = --steps_per_loop
+                         weights, Keras defaults (steps_per_execution=1)
+  keras_fit/spe=10       the same with steps_per_execution=10 (mtl's default steps per loop)
   naive_per_task         one Keras model per task sharing the backbone layer objects, each
                          trained with its own fit call in turn on the same batches
   bare_step              a bare compiled GradientTape step called in a Python loop (the floor)
@@ -47,11 +49,12 @@ flags.DEFINE_list("tasks", ["left", "right", "sum"], "multi_digits tasks.")
 flags.DEFINE_integer("batch_size", 64, "Global batch size.")
 flags.DEFINE_integer("steps", 50, "Timed steps per repetition.")
 flags.DEFINE_integer("repeats", 5, "Timed repetitions (the median is reported).")
-flags.DEFINE_integer("steps_per_loop", 10, "N for mtl/steps_per_loop and keras_fit's "
-                     "steps_per_execution.")
-flags.DEFINE_list("variants", ["mtl", "mtl/steps_per_loop", "mtl/jit_compile", "mtl/bfloat16",
-                               "mtl/float16", "mtl/grad_accum", "keras_fit", "naive_per_task",
-                               "bare_step", "mtl/pipeline"], "Variants to run.")
+flags.DEFINE_integer("steps_per_loop", 50, "N for mtl/steps_per_loop=N and the knob variants.")
+flags.DEFINE_list("variants", ["mtl", "mtl/steps_per_loop=1", "mtl/steps_per_loop=N",
+                               "mtl/jit_compile", "mtl/bfloat16", "mtl/float16",
+                               "mtl/grad_accum", "keras_fit", "keras_fit/spe=10",
+                               "naive_per_task", "bare_step", "mtl/pipeline"],
+                  "Variants to run.")
 flags.DEFINE_list("weighting", [], "Weighting methods to time ('all' for every method).")
 flags.DEFINE_string("strategy", "default", "Distribution strategy name.")
 flags.DEFINE_integer("num_gpus", None, "GPUs for --strategy=mirrored.")
@@ -117,14 +120,14 @@ def mtl_variant(strategy, data, policy="float32", weighting="equal", **trainer_a
     return run
 
 
-def keras_fit_variant(strategy, data):
+def keras_fit_variant(strategy, data, steps_per_execution=1):
     with strategy.scope():
         model = build_model()
         specs = task_specs()
         model.compile(optimizer=keras.optimizers.Adam(1e-3),
                       loss={t: loss() for t, (_, loss, _) in specs.items()},
                       loss_weights={t: w for t, (_, _, w) in specs.items()},
-                      steps_per_execution=FLAGS.steps_per_loop)
+                      steps_per_execution=steps_per_execution)
     iterator_data = data
 
     def run(n):
@@ -186,7 +189,8 @@ def main(argv):
     n = FLAGS.steps_per_loop
     builders = {
         "mtl": lambda: mtl_variant(strategy, memory),
-        "mtl/steps_per_loop": lambda: mtl_variant(strategy, memory, steps_per_loop=n),
+        "mtl/steps_per_loop=1": lambda: mtl_variant(strategy, memory, steps_per_loop=1),
+        "mtl/steps_per_loop=N": lambda: mtl_variant(strategy, memory, steps_per_loop=n),
         "mtl/jit_compile": lambda: mtl_variant(strategy, memory, steps_per_loop=n,
                                                jit_compile=True),
         "mtl/bfloat16": lambda: mtl_variant(strategy, memory, policy="mixed_bfloat16",
@@ -196,6 +200,7 @@ def main(argv):
         "mtl/grad_accum": lambda: mtl_variant(strategy, in_memory_data(batch // 2),
                                               steps_per_loop=n, grad_accum_steps=2),
         "keras_fit": lambda: keras_fit_variant(strategy, memory),
+        "keras_fit/spe=10": lambda: keras_fit_variant(strategy, memory, steps_per_execution=10),
         "naive_per_task": lambda: naive_variant(strategy, memory),
         "bare_step": lambda: bare_variant(strategy, memory),
         "mtl/pipeline": lambda: mtl_variant(strategy, multi_digits.load(
