@@ -77,6 +77,29 @@ def test_sigkill_then_rerun_gives_bitwise_the_same_weights(tmp_path, digits_data
         np.testing.assert_array_equal(resumed[name], value, err_msg=name)
 
 
+@pytest.mark.parametrize("method", ["famo", "nash_mtl"])
+def test_sigkill_with_a_stateful_weighting_method(tmp_path, digits_data_dir, method):
+    """FAMO's logits and loss history, Nash-MTL's weights: resumed exactly too."""
+    straight = str(tmp_path / "straight")
+    run = subprocess.run(_command(straight, digits_data_dir, f"--weighting={method}"),
+                         env=_env(), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    model_dir = str(tmp_path / "run")
+    command = _command(model_dir, digits_data_dir, f"--weighting={method}")
+    proc = subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for(os.path.join(model_dir, "checkpoints", "ckpt-10.index"), proc)
+    time.sleep(0.5)  # past the checkpoint, into the next steps
+    proc.kill()
+    proc.communicate(timeout=30)
+    rerun = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    reference, resumed = _final_tensors(straight), _final_tensors(model_dir)
+    assert any(name.startswith("weighting/") for name in reference)
+    for name, value in reference.items():
+        np.testing.assert_array_equal(resumed[name], value, err_msg=name)
+
+
 def test_sigterm_saves_and_the_rerun_resumes(tmp_path, digits_data_dir):
     model_dir = str(tmp_path / "run")
     command = _command(model_dir, digits_data_dir)
