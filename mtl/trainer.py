@@ -40,8 +40,8 @@ class History:
 
     Train records: `{"step", "loss", "<task>/loss", "<task>/<metric>", "examples_per_sec"}`;
     eval records: `{"step", "<task>/loss", "<task>/<metric>"}`; diagnostics records (every
-    `diagnostics_every` steps): `{"step", "<task>/weight", "<task>/grad_norm",
-    "cosine/<task>__<task>"}`.
+    `diagnostics_every` steps, when tasks share variables): `{"step", "<task>/weight",
+    "<task>/grad_norm", "cosine/<task>__<task>"}`.
     """
 
     train: list = dataclasses.field(default_factory=list)
@@ -306,7 +306,8 @@ class Trainer:
             return history
         iterator = self._make_iterator(data, task_schedule)
         diagnostics_batch = None
-        if self.diagnostics_every:
+        diagnose = bool(self.diagnostics_every and self._steps.shared_variables)
+        if diagnose:
             # A fixed batch from a separate iterator: the training stream is not disturbed and
             # successive diagnostics are comparable.
             first = next(iter(data.values())) if isinstance(data, dict) else data
@@ -355,7 +356,7 @@ class Trainer:
                     history.train.append(record)
                     loss_sum, total_sum, seen, examples = None, 0.0, 0, 0
                     interval_start = time.perf_counter()
-                if self.diagnostics_every and step % self.diagnostics_every == 0:
+                if diagnose and step % self.diagnostics_every == 0:
                     history.diagnostics.append(self._log_diagnostics(step, diagnostics_batch))
                 if eval_data is not None and ((eval_every and step % eval_every == 0)
                                               or step == steps):

@@ -135,3 +135,12 @@ def test_diagnostics_report_weights_gradient_norms_and_cosines(tmp_path):
         for event in tf.compat.v1.train.summary_iterator(path):
             tags.update(v.tag for v in event.summary.value)
     assert {"diagnostics/a/weight", "diagnostics/b/grad_norm", "diagnostics/cosine/a__b"} <= tags
+
+
+def test_diagnostics_are_skipped_when_nothing_is_shared():
+    keras.utils.set_random_seed(0)
+    model = mtl.MultiTaskModel(mtl.backbones.mlp((6,), widths=(8,)),
+                               {"a": mtl.heads.classification(3)})
+    trainer = mtl.Trainer(model, [mtl.Task("a", loss=CE)], optimizer="sgd", diagnostics_every=1)
+    history = trainer.fit(_data(), steps=2)
+    assert history.diagnostics == [] and trainer.global_step == 2
