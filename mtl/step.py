@@ -310,8 +310,9 @@ class StepFunctions:
         weights = tf.stop_gradient(self.weighting.weights_from_gramian(
             gramian, StepContext(global_losses=losses, num_replicas=context.num_replicas)))
         shared_ids = {id(v) for v in self.shared_variables}
-        shared_total = tf.reduce_sum(weights * scaled_rows)
-        shared = tape.gradient(shared_total, self.shared_variables)
+        # The gradient of sum_t weights_t * row_t (a vector-Jacobian product with the method's
+        # weights as the upstream gradient of the rows; the tape has stopped recording).
+        shared = tape.gradient(scaled_rows, self.shared_variables, output_gradients=weights)
         plain = tape.gradient(scaled, self.plain_variables)
         by_id = {id(v): g for v, g in zip(self.shared_variables, shared)}
         return [by_id[id(v)] if id(v) in shared_ids else g

@@ -144,3 +144,21 @@ def test_diagnostics_are_skipped_when_nothing_is_shared():
     trainer = mtl.Trainer(model, [mtl.Task("a", loss=CE)], optimizer="sgd", diagnostics_every=1)
     history = trainer.fit(_data(), steps=2)
     assert history.diagnostics == [] and trainer.global_step == 2
+
+
+def test_rep_mode_moves_the_backbone_by_the_methods_weighted_gradient():
+    trainer = _trainer("mgda", gradient_mode="rep")
+    model = trainer.model
+    x, y = next(iter(_data()))
+    shared = model.backbone.trainable_variables
+    before = [v.numpy() for v in shared]
+    with tf.GradientTape(persistent=True) as tape:
+        out = model(x, training=True)
+        losses = [CE(y["a"], out["a"]), tf.reduce_mean((out["b"][:, 0] - y["b"]) ** 2)]
+    grads = [tape.gradient(loss, shared) for loss in losses]
+    trainer.fit(_data(), steps=1)
+    w = trainer.weighting.weights().numpy()  # the weights the step used, Task.weight included
+    assert np.all(w >= 0) and abs(w.sum() - 1.0) < 1e-4  # MGDA: a convex combination
+    for i, v in enumerate(shared):
+        expected = before[i] - 0.1 * (w[0] * grads[0][i].numpy() + w[1] * grads[1][i].numpy())
+        np.testing.assert_allclose(v.numpy(), expected, rtol=1e-4, atol=1e-6)
