@@ -6,7 +6,6 @@ Plain Python between compiled loops: nothing here runs inside `tf.function`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import shutil
@@ -19,9 +18,10 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from mtl import progress, validation
+from mtl import checkpoints, preemption, progress, validation
+from mtl.checkpoints import CheckpointReadError, CheckpointWriteError  # noqa: F401 (API)
+from mtl.preemption import TrainingStopped  # noqa: F401 (API)
 from mtl import weighting as weighting_lib
-from mtl.model import MultiTaskModel
 from mtl.finetune import (FineTuning, layers_to_unfreeze, scaled_optimizer,
                           trainable_weights_when_unfrozen)
 from mtl.step import LossScale, StepFunctions
@@ -197,7 +197,7 @@ class Trainer:
         self._input_resumed = False
         if model_dir:
             if self.is_chief:
-                _check_writable(model_dir)
+                checkpoints.check_writable(model_dir)
             self._manager = tf.train.CheckpointManager(
                 self.checkpoint, os.path.join(model_dir, "checkpoints"), max_to_keep=max_to_keep)
             self.restore()
@@ -318,7 +318,7 @@ class Trainer:
         bar = progress.progress_bar(total=steps, initial=start, enabled=self.is_chief)
         loss_sum, total_sum, seen, examples = None, 0.0, 0, 0
         interval_start = time.perf_counter()
-        with progress.absl_logging_through_tqdm(), bar, _StopSignals() as stop:
+        with progress.absl_logging_through_tqdm(), bar, preemption.StopSignals() as stop:
             while self.global_step < steps:
                 if self._any_worker(stop.received is not None):
                     self._stop_gracefully(stop.received or "a signal on another worker")
@@ -414,7 +414,7 @@ class Trainer:
     def _resume_input(self, iterators, resume: bool, data, consumed):
         """Restores the saved input position into `iterators` (or skips what was consumed) and
         tracks them in the checkpoint from now on."""
-        if resume and _has_input(self._restored_path):
+        if resume and checkpoints.has_input(self._restored_path):
             tf.train.Checkpoint(input=iterators).restore(self._restored_path).expect_partial()
             logging.info("Input pipeline restored to step %d.", self.global_step)
         elif resume and (sum(consumed.values()) if isinstance(consumed, dict) else consumed):
@@ -435,7 +435,7 @@ class Trainer:
     def _stop_gracefully(self, why: str) -> None:
         path = self.save()
         where = f"checkpoint saved to {path}" if path else "checkpoint saved"
-        raise TrainingStopped(
+        raise preemption.TrainingStopped(
             f"Stopped by {why} at step {self.global_step}; {where}. Run the same command again "
             "to resume from this step.", signal_name=why)
 
@@ -555,9 +555,9 @@ class Trainer:
             previous = self._manager.latest_checkpoint
             try:
                 path = self._manager.save(checkpoint_number=self.global_step)
-                _write_signature(self._manager.directory, self._signature())
+                checkpoints.write_signature(self._manager.directory, self._signature())
             except (tf.errors.OpError, OSError) as e:
-                raise CheckpointWriteError(
+                raise checkpoints.CheckpointWriteError(
                     f"Could not write the checkpoint of step {self.global_step} to "
                     f"{self._manager.directory} ({type(e).__name__}: {e}). The previous "
                     f"checkpoint {previous or '(none)'} is intact.") from None
@@ -581,11 +581,11 @@ class Trainer:
         """
         if self._manager is None or not self._manager.checkpoints:
             return self.global_step
-        _check_signature(self._manager.directory, self._signature())
+        checkpoints.check_signature(self._manager.directory, self._signature())
         problems = []
         for path in reversed(self._manager.checkpoints):
             try:
-                _read_all(path)
+                checkpoints.read_all(path)
             except (tf.errors.OpError, ValueError, OSError, IndexError, RuntimeError) as e:
                 problems.append(f"{path}: {type(e).__name__}: {str(e).splitlines()[0]}")
                 logging.warning("Checkpoint %s is unreadable (%s); trying the previous one.",
@@ -598,7 +598,7 @@ class Trainer:
                                 "unreadable: %s", path, self.global_step, "; ".join(problems))
             logging.info("Restored %s at step %d.", path, self.global_step)
             return self.global_step
-        raise CheckpointReadError(
+        raise checkpoints.CheckpointReadError(
             f"No readable checkpoint in {self._manager.directory}: " + "; ".join(problems)
             + ". Move the folder away to start afresh.")
 
@@ -621,122 +621,6 @@ class Trainer:
 
 ON_NONFINITE = ("stop", "skip")
 GRADIENT_MODES = ("exact", "rep")
-
-
-class TrainingStopped(SystemExit):
-    """Raised after a SIGTERM/SIGINT once the current step is checkpointed.
-
-    A `SystemExit` with status 143 (SIGTERM) or 130 (SIGINT), the shell's codes for those
-    signals, so an uncaught one ends a script with that status and the message.
-    """
-
-    def __init__(self, message: str, signal_name: str = ""):
-        super().__init__(143 if signal_name == "SIGTERM" else 130)
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
-
-
-class CheckpointWriteError(OSError):
-    """A checkpoint could not be written (the previous one is left intact)."""
-
-
-class CheckpointReadError(OSError):
-    """No checkpoint in model_dir can be read, or it belongs to a different model."""
-
-
-class _StopSignals:
-    """Records SIGTERM/SIGINT while training instead of dying mid-step (main thread only)."""
-
-    def __init__(self):
-        self.received = None
-        self._previous = {}
-
-    def __enter__(self):
-        import signal
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        import signal
-
-        del frame
-        if self.received is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # A second Ctrl-C: stop now.
-        self.received = signal.Signals(signum).name
-        logging.warning("%s received: stopping after the current step.", self.received)
-
-    def __exit__(self, *exc):
-        import signal
-
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        return False
-
-
-def _check_writable(model_dir: str) -> None:
-    try:
-        tf.io.gfile.makedirs(model_dir)
-        probe = os.path.join(model_dir, f".write_test_{os.getpid()}")
-        with tf.io.gfile.GFile(probe, "w") as f:
-            f.write("ok")
-        tf.io.gfile.remove(probe)
-    except (tf.errors.OpError, OSError) as e:
-        raise CheckpointWriteError(
-            f"model_dir {model_dir!r} is not writable ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else e}); choose a folder you can write to."
-        ) from None
-
-
-def _read_all(path: str) -> None:
-    """Reads every tensor of a checkpoint (raises on a truncated or corrupt file)."""
-    reader = tf.train.load_checkpoint(path)
-    for name, dtype in reader.get_variable_to_dtype_map().items():
-        if dtype != tf.variant:  # The input pipeline's state has no numpy form.
-            reader.get_tensor(name)
-
-
-def _has_input(path: str) -> bool:
-    return any(name.startswith("input/") for name, _ in tf.train.list_variables(path))
-
-
-_SIGNATURE_FILE = "model_signature.json"
-
-
-def _write_signature(directory: str, signature: dict) -> None:
-    path = os.path.join(directory, _SIGNATURE_FILE)
-    if not tf.io.gfile.exists(path):
-        with tf.io.gfile.GFile(path, "w") as f:
-            json.dump(signature, f)
-
-
-def _check_signature(directory: str, signature: dict) -> None:
-    """Refuses to resume a run of another model: other tasks or other variable shapes."""
-    path = os.path.join(directory, _SIGNATURE_FILE)
-    if not tf.io.gfile.exists(path):
-        return
-    with tf.io.gfile.GFile(path) as f:
-        saved = json.load(f)
-    if saved["tasks"] != signature["tasks"]:
-        raise CheckpointReadError(
-            f"{directory} holds a run with tasks {saved['tasks']}, but this model has tasks "
-            f"{signature['tasks']}; use another model_dir (nothing was loaded).")
-    ours, theirs = signature["variables"], saved["variables"]
-    for i, (mine, old) in enumerate(zip(ours, theirs)):
-        if mine[1] != old[1]:
-            raise CheckpointReadError(
-                f"{directory} holds a different model: variable {i} is {old[0]} of shape "
-                f"{tuple(old[1])} there, but {mine[0]} of shape {tuple(mine[1])} here; use "
-                "another model_dir (nothing was loaded).")
-    if len(ours) != len(theirs):
-        raise CheckpointReadError(
-            f"{directory} holds a different model: {len(theirs)} variables there, "
-            f"{len(ours)} here; use another model_dir (nothing was loaded).")
 
 
 class NonFiniteError(FloatingPointError):

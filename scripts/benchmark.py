@@ -37,7 +37,6 @@ import statistics  # noqa: E402
 import time  # noqa: E402
 
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
@@ -256,7 +255,7 @@ def machine() -> str:
 
 
 def format_table(results) -> str:
-    lines = [f"| variant | ms/step | examples/s | time vs mtl | time vs equal |",
+    lines = ["| variant | ms/step | examples/s | time vs mtl | time vs equal |",
              "|---|---:|---:|---:|---:|"]
     for name, r in results.items():
         vs_equal = f"{r['time_vs_equal']:.2f}x" if "time_vs_equal" in r else ""
