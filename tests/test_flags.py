@@ -36,6 +36,11 @@ def test_flagfile_is_read(tmp_path):
     ("weighting", "nope", r"--weighting='nope' is unknown; expected one of"),
     ("strategy", "horovod", r"--strategy='horovod' is unknown"),
     ("tasks", (), r"--tasks is empty"),
+    ("grad_accum_steps", 0, r"--grad_accum_steps must be an int >= 1; got 0"),
+    ("grad_accum_steps", 5, r"--batch_size=64 is the batch of one update and must split into "
+                            r"--grad_accum_steps=5 equal micro-batches"),
+    ("mixed_precision", "float8", r"--mixed_precision='float8' is unknown"),
+    ("backbone_lr_multiplier", -1.0, r"--backbone_lr_multiplier must be > 0"),
 ])
 def test_bad_values_are_named(field, value, message):
     with pytest.raises(ValueError, match=message):
