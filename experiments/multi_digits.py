@@ -6,8 +6,8 @@ Runs offline: the dataset is generated from scikit-learn's bundled digits on fir
     python experiments/multi_digits.py --tasks=left          # single-task baseline
     tensorboard --logdir runs/multi_digits
 
-Expected with the defaults (3,000 steps, batch 64, Adam 1e-3, small_cnn): test accuracy about
-0.95 on left and right, and a sum MAE well under 1.
+Expected with the defaults (3,000 steps, batch 64, Adam 1e-3, small_cnn), about 50 s on 2 CPU
+cores: test accuracy 0.97-0.98 on left and right, and a sum MAE of about 1.05 (measured).
 """
 
 import os
