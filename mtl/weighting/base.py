@@ -77,6 +77,25 @@ def global_losses(losses: tf.Tensor, context: StepContext | None) -> tf.Tensor:
     return tf.stop_gradient(tf.convert_to_tensor(source, tf.float32))
 
 
+class SeededDraws:
+    """Mixin for methods that draw random numbers: stateless draws seeded by (`seed`, the
+    method's own call counter), so every replica draws the same numbers and a resumed run draws
+    what the uninterrupted run would (the counter is in the checkpoint)."""
+
+    def _set_seed(self, seed) -> None:
+        check_option(is_int(seed), self.name, "seed", seed, "an integer")
+        self.seed = int(seed)
+
+    def _create_counter(self) -> None:
+        self.calls = state_variable(0, "calls", tf.int64)
+
+    def _next_seed(self) -> tf.Tensor:
+        """This call's stateless seed [2]; advances the counter."""
+        seed = tf.stack([tf.constant(self.seed, tf.int64), tf.convert_to_tensor(self.calls)])
+        self.calls.assign_add(1)
+        return seed
+
+
 class Weighting(tf.Module):
     """Base class of all weighting methods."""
 

@@ -18,27 +18,19 @@ from typing import Sequence
 import tensorflow as tf
 
 from mtl.weighting import solvers
-from mtl.weighting.base import (GradientWeighting, StepContext, check_option, is_int, is_number,
-                                state_variable)
+from mtl.weighting.base import (GradientWeighting, SeededDraws, StepContext, check_option, is_number, state_variable)
 
 
-class _SeededGradientWeighting(GradientWeighting):
+class _SeededGradientWeighting(SeededDraws, GradientWeighting):
     """A gradient method that draws random numbers from (seed, its own call counter)."""
 
     def __init__(self, seed: int = 0):
         super().__init__()
-        check_option(is_int(seed), self.name, "seed", seed, "an integer")
-        self.seed = int(seed)
+        self._set_seed(seed)
 
     def build(self, task_names: Sequence[str], task_weights: Sequence[float]) -> None:
         super().build(task_names, task_weights)
-        self.calls = state_variable(0, "calls", tf.int64)
-
-    def _next_seed(self) -> tf.Tensor:
-        """This call's stateless seed [2]; advances the counter."""
-        seed = tf.stack([tf.constant(self.seed, tf.int64), tf.convert_to_tensor(self.calls)])
-        self.calls.assign_add(1)
-        return seed
+        self._create_counter()
 
 
 def _visit(orders: tf.Tensor, position: int, num_tasks: int):

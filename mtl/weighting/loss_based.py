@@ -17,8 +17,8 @@ from typing import Sequence
 
 import tensorflow as tf
 
-from mtl.weighting.base import (LossWeighting, StepContext, check_option, global_losses,
-                                is_int, is_number, state_variable)
+from mtl.weighting.base import (LossWeighting, SeededDraws, StepContext, check_option,
+                                global_losses, is_int, is_number, state_variable)
 
 
 class Equal(LossWeighting):
@@ -127,7 +127,7 @@ class DWA(LossWeighting):
         return tf.reduce_sum(weights * losses)
 
 
-class RLW(LossWeighting):
+class RLW(SeededDraws, LossWeighting):
     """Random Loss Weighting (Lin et al., "Reasonable Effectiveness of Random Weighting", TMLR
     2022): each step, lambda = softmax(z) with z ~ N(0, I_T).
 
@@ -145,19 +145,16 @@ class RLW(LossWeighting):
 
     def __init__(self, seed: int = 0):
         super().__init__()
-        check_option(is_int(seed), self.name, "seed", seed, "an integer")
-        self.seed = int(seed)
+        self._set_seed(seed)
 
     def build(self, task_names: Sequence[str], task_weights: Sequence[float]) -> None:
         super().build(task_names, task_weights)
-        self.calls = state_variable(0, "calls", tf.int64)
+        self._create_counter()
         self._create_last_weights()
 
     def combine(self, losses: tf.Tensor, context: StepContext | None = None) -> tf.Tensor:
         del context
-        seed = tf.stack([tf.constant(self.seed, tf.int64), tf.convert_to_tensor(self.calls)])
-        z = tf.random.stateless_normal([self.num_tasks], seed=seed)
-        self.calls.assign_add(1)
+        z = tf.random.stateless_normal([self.num_tasks], seed=self._next_seed())
         weights = self._record_weights(self.task_weights * tf.nn.softmax(z))
         return tf.reduce_sum(weights * losses)
 
