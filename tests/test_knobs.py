@@ -105,7 +105,7 @@ def test_float16_recovers_from_an_overflow():
     try:
         model = _model()
         trainer = mtl.Trainer(model, _tasks(), optimizer=keras.optimizers.Adam(0.01))
-        assert trainer.loss_scale is not None
+        assert float(trainer.loss_scale.scale.numpy()) == 2.0 ** 15  # float16 -> loss scaling
         x, y = _arrays(32)
         y["b"] = y["b"].copy()
         y["b"][:16] = 3e4  # squared error ~1e9, times the loss scale: overflows float16

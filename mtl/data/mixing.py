@@ -34,6 +34,7 @@ Sizes N_t come from the datasets' cardinality or an explicit `sizes` dict.
 
 from __future__ import annotations
 
+import abc
 import math
 from typing import Mapping, Sequence
 
@@ -290,7 +291,7 @@ def task_iterators(datasets: Mapping[str, tf.data.Dataset], *, batch_size: int,
         datasets, batch_size=batch_size, seed=seed, shuffle_buffer=shuffle_buffer).items()}
 
 
-class TaskSchedule:
+class TaskSchedule(abc.ABC):
     """Which task trains at each step: a draw from `probabilities(step)` keyed by (seed, step).
 
     The draw for step s is `numpy.random.default_rng([seed, s]).random()` mapped through the
@@ -310,9 +311,9 @@ class TaskSchedule:
         self.tasks = tasks
         self.seed = int(seed)
 
+    @abc.abstractmethod
     def probabilities(self, step: int) -> np.ndarray:
         """The probability of each task (in `self.tasks` order) at `step`; float64 [T]."""
-        raise NotImplementedError
 
     def task_index(self, step: int) -> int:
         if not isinstance(step, (int, np.integer)) or step < 0:

@@ -1,14 +1,15 @@
 """Task-weighting methods, by name: `mtl.weighting.get("equal")`.
 
 Loss-based (`LossWeighting.combine`): equal, uncertainty, dwa, rlw, gls, famo.
-Gradient-based (`GradientWeighting.aggregate` / `weights_from_gramian`): pcgrad, gradvac,
-graddrop, mgda, cagrad, imtl, nash_mtl, aligned_mtl, upgrad, gradnorm.
+Gradient-based (`GradientWeighting.aggregate`, or `GramianWeighting.weights_from_gramian`):
+pcgrad, gradvac, graddrop, mgda, cagrad, imtl, nash_mtl, aligned_mtl, upgrad, gradnorm.
 See docs/weighting.md for a table of what each does and costs.
 """
 
 from __future__ import annotations
 
-from mtl.weighting.base import GradientWeighting, LossWeighting, StepContext, Weighting
+from mtl.weighting.base import (GradientWeighting, GramianWeighting, LossWeighting, SeededDraws,
+                                StepContext, Weighting)
 from mtl.weighting.gradient_based import (CAGrad, IMTL, MGDA, AlignedMTL, GradNorm, NashMTL,
                                           UPGrad)
 from mtl.weighting.gradient_surgery import GradDrop, GradVac, PCGrad
@@ -40,5 +41,6 @@ def get(method: str | Weighting, **options) -> Weighting:
 
 
 __all__ = ["AlignedMTL", "CAGrad", "DWA", "Equal", "FAMO", "GLS", "GradDrop", "GradNorm",
-           "GradVac", "GradientWeighting", "IMTL", "LossWeighting", "METHODS", "MGDA", "NashMTL",
-           "PCGrad", "RLW", "StepContext", "UPGrad", "Uncertainty", "Weighting", "get"]
+           "GradVac", "GradientWeighting", "GramianWeighting", "IMTL", "LossWeighting", "METHODS",
+           "MGDA", "NashMTL", "PCGrad", "RLW", "SeededDraws", "StepContext", "UPGrad",
+           "Uncertainty", "Weighting", "get"]

@@ -21,6 +21,7 @@ all replicas draw the same numbers and a resumed run draws what the uninterrupte
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import inspect
 import numbers
@@ -80,13 +81,16 @@ def global_losses(losses: tf.Tensor, context: StepContext | None) -> tf.Tensor:
 class SeededDraws:
     """Mixin for methods that draw random numbers: stateless draws seeded by (`seed`, the
     method's own call counter), so every replica draws the same numbers and a resumed run draws
-    what the uninterrupted run would (the counter is in the checkpoint)."""
+    what the uninterrupted run would (the counter is in the checkpoint). List it before the
+    method's base class."""
 
-    def _set_seed(self, seed) -> None:
+    def __init__(self, seed: int = 0):
+        super().__init__()
         check_option(is_int(seed), self.name, "seed", seed, "an integer")
         self.seed = int(seed)
 
-    def _create_counter(self) -> None:
+    def build(self, task_names: Sequence[str], task_weights: Sequence[float]) -> None:
+        super().build(task_names, task_weights)
         self.calls = state_variable(0, "calls", tf.int64)
 
     def _next_seed(self) -> tf.Tensor:
@@ -96,7 +100,7 @@ class SeededDraws:
         return seed
 
 
-class Weighting(tf.Module):
+class Weighting(tf.Module, metaclass=abc.ABCMeta):
     """Base class of all weighting methods."""
 
     #: Registry name, e.g. "equal".
@@ -156,6 +160,7 @@ class LossWeighting(Weighting):
     #: losses before calling it); False for methods whose weights do not depend on the losses.
     needs_global_losses: bool = True
 
+    @abc.abstractmethod
     def combine(self, losses: tf.Tensor, context: StepContext | None = None) -> tf.Tensor:
         """Total loss from task losses.
 
@@ -166,14 +171,13 @@ class LossWeighting(Weighting):
         Returns:
           A scalar whose gradient, summed across replicas, is the update direction.
         """
-        raise NotImplementedError
 
 
 class GradientWeighting(Weighting):
     """A method that combines per-task gradients of the shared variables.
 
-    Subclasses implement `aggregate`, or, when only inner products of task gradients matter,
-    `weights_from_gramian` (then `uses_gramian = True`, and the step may pass the Gramian alone).
+    Subclasses implement `aggregate`; when only inner products of task gradients matter they
+    derive from `GramianWeighting` and implement `weights_from_gramian` instead.
 
     Contract with the step:
       * Row t of the Jacobian is the gradient of the *weighted* task loss `Task.weight * L_t`
@@ -198,22 +202,9 @@ class GradientWeighting(Weighting):
         super().build(task_names, task_weights)
         self._create_last_weights()
 
-    def weights_from_gramian(self, gramian: tf.Tensor,
-                             context: StepContext | None = None) -> tf.Tensor:
-        """[num_tasks, num_tasks] Gramian J J^T -> [num_tasks] weights of the task gradients.
-
-        Implementations end with `return self._record_gradient_weights(w)`.
-        """
-        raise NotImplementedError(f"{type(self).__name__} defines aggregate(), not "
-                                  "weights_from_gramian().")
-
+    @abc.abstractmethod
     def aggregate(self, jacobian: tf.Tensor, context: StepContext | None = None) -> tf.Tensor:
         """[num_tasks, num_params] per-task gradients -> [num_params] update direction."""
-        if not self.uses_gramian:
-            raise NotImplementedError(f"{type(self).__name__} must override aggregate().")
-        jacobian = tf.convert_to_tensor(jacobian, tf.float32)
-        w = self.weights_from_gramian(tf.matmul(jacobian, jacobian, transpose_b=True), context)
-        return tf.linalg.matvec(jacobian, w, transpose_a=True)
 
     def _record_gradient_weights(self, row_weights: tf.Tensor) -> tf.Tensor:
         """Records `row_weights * Task.weight` (weights on the raw loss gradients); returns
@@ -226,3 +217,24 @@ class GradientWeighting(Weighting):
             raise ValueError(f"Weighting method {self.name!r} needs the task losses: call it "
                              "with context=StepContext(global_losses=...).")
         return tf.stop_gradient(tf.convert_to_tensor(context.global_losses, tf.float32))
+
+
+class GramianWeighting(GradientWeighting):
+    """A gradient method defined by weights of the task gradients computed from their Gramian
+    `J J^T` alone; the direction is `w @ J`. Only these can run in "rep" mode, where the step
+    sums the replicas' Gramians of gradients w.r.t. the shared representation."""
+
+    uses_gramian = True
+
+    @abc.abstractmethod
+    def weights_from_gramian(self, gramian: tf.Tensor,
+                             context: StepContext | None = None) -> tf.Tensor:
+        """[num_tasks, num_tasks] Gramian J J^T -> [num_tasks] weights of the task gradients.
+
+        Implementations end with `return self._record_gradient_weights(w)`.
+        """
+
+    def aggregate(self, jacobian: tf.Tensor, context: StepContext | None = None) -> tf.Tensor:
+        jacobian = tf.convert_to_tensor(jacobian, tf.float32)
+        w = self.weights_from_gramian(tf.matmul(jacobian, jacobian, transpose_b=True), context)
+        return tf.linalg.matvec(jacobian, w, transpose_a=True)

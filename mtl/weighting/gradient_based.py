@@ -14,11 +14,11 @@ from typing import Sequence
 import tensorflow as tf
 
 from mtl.weighting import solvers
-from mtl.weighting.base import (GradientWeighting, StepContext, check_option, is_int, is_number,
+from mtl.weighting.base import (GramianWeighting, StepContext, check_option, is_int, is_number,
                                 state_variable)
 
 
-class MGDA(GradientWeighting):
+class MGDA(GramianWeighting):
     """Multiple-Gradient Descent (Sener & Koltun, "Multi-Task Learning as Multi-Objective
     Optimization", NeurIPS 2018).
 
@@ -37,7 +37,6 @@ class MGDA(GradientWeighting):
     """
 
     name = "mgda"
-    uses_gramian = True
     NORMALIZATIONS = ("none", "l2", "loss", "loss+")
 
     def __init__(self, normalization: str = "none"):
@@ -60,7 +59,7 @@ class MGDA(GradientWeighting):
         return self._record_gradient_weights(solvers.min_norm_point(normalised))
 
 
-class CAGrad(GradientWeighting):
+class CAGrad(GramianWeighting):
     """Conflict-Averse Gradient descent (Liu, Liu, Jin, Stone & Liu, NeurIPS 2021).
 
     d = argmax_d min_i g_i . d  s.t.  |d - g_0| <= c |g_0|  (g_0 the mean gradient). Its dual:
@@ -78,7 +77,6 @@ class CAGrad(GradientWeighting):
     """
 
     name = "cagrad"
-    uses_gramian = True
 
     def __init__(self, c: float = 0.5, rescale: int = 1):
         super().__init__()
@@ -96,7 +94,7 @@ class CAGrad(GradientWeighting):
         return self._record_gradient_weights((1.0 / self.num_tasks + lam * w) / divisor)
 
 
-class IMTL(GradientWeighting):
+class IMTL(GramianWeighting):
     """Impartial MTL, gradient part IMTL-G (Liu et al., "Towards Impartial Multi-task
     Learning", ICLR 2021).
 
@@ -110,7 +108,6 @@ class IMTL(GradientWeighting):
     """
 
     name = "imtl"
-    uses_gramian = True
 
     def weights_from_gramian(self, gramian: tf.Tensor,
                              context: StepContext | None = None) -> tf.Tensor:
@@ -128,7 +125,7 @@ class IMTL(GradientWeighting):
         return self._record_gradient_weights(tf.concat([[1.0 - tf.reduce_sum(rest)], rest], 0))
 
 
-class NashMTL(GradientWeighting):
+class NashMTL(GramianWeighting):
     """Nash-MTL (Navon et al., "Multi-Task Learning as a Bargaining Game", ICML 2022).
 
     Weights a > 0 with G a = 1 / a (elementwise): the Nash bargaining solution, for which every
@@ -150,7 +147,6 @@ class NashMTL(GradientWeighting):
     """
 
     name = "nash_mtl"
-    uses_gramian = True
     supports_rep = False
     RIDGE = 1e-10
 
@@ -218,7 +214,7 @@ class NashMTL(GradientWeighting):
         return direction * scale
 
 
-class AlignedMTL(GradientWeighting):
+class AlignedMTL(GramianWeighting):
     """Aligned-MTL (Senushkin et al., "Independent Component Alignment for Multi-Task
     Learning", CVPR 2023).
 
@@ -232,7 +228,6 @@ class AlignedMTL(GradientWeighting):
     """
 
     name = "aligned_mtl"
-    uses_gramian = True
 
     def weights_from_gramian(self, gramian: tf.Tensor,
                              context: StepContext | None = None) -> tf.Tensor:
@@ -248,7 +243,7 @@ class AlignedMTL(GradientWeighting):
         return self._record_gradient_weights(weights)
 
 
-class UPGrad(GradientWeighting):
+class UPGrad(GramianWeighting):
     """Unconflicting Projection of Gradients (Quinton & Rey, "Jacobian Descent for
     Multi-Objective Optimization", 2024; TorchJD's `UPGrad`).
 
@@ -269,7 +264,6 @@ class UPGrad(GradientWeighting):
     """
 
     name = "upgrad"
-    uses_gramian = True
     supports_rep = False
 
     def __init__(self, reg_eps: float = 1e-4, norm_eps: float = 1e-4):
@@ -293,7 +287,7 @@ class UPGrad(GradientWeighting):
         return self._record_gradient_weights(tf.reduce_sum(projections, axis=0))
 
 
-class GradNorm(GradientWeighting):
+class GradNorm(GramianWeighting):
     """GradNorm (Chen, Badrinarayanan, Lee & Rabinovich, ICML 2018), aggregate-only form.
 
     Task weights w (a variable, start 1, sum T). Each call, with the rows' norms n_t = |g_t|
@@ -321,7 +315,6 @@ class GradNorm(GradientWeighting):
     """
 
     name = "gradnorm"
-    uses_gramian = True
     needs_losses = True
 
     def __init__(self, alpha: float = 1.5, lr: float = 0.025):

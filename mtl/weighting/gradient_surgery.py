@@ -18,19 +18,8 @@ from typing import Sequence
 import tensorflow as tf
 
 from mtl.weighting import solvers
-from mtl.weighting.base import (GradientWeighting, SeededDraws, StepContext, check_option, is_number, state_variable)
-
-
-class _SeededGradientWeighting(SeededDraws, GradientWeighting):
-    """A gradient method that draws random numbers from (seed, its own call counter)."""
-
-    def __init__(self, seed: int = 0):
-        super().__init__()
-        self._set_seed(seed)
-
-    def build(self, task_names: Sequence[str], task_weights: Sequence[float]) -> None:
-        super().build(task_names, task_weights)
-        self._create_counter()
+from mtl.weighting.base import (GradientWeighting, GramianWeighting, SeededDraws, StepContext,
+                                check_option, is_number, state_variable)
 
 
 def _visit(orders: tf.Tensor, position: int, num_tasks: int):
@@ -40,7 +29,7 @@ def _visit(orders: tf.Tensor, position: int, num_tasks: int):
     return tf.one_hot(j, num_tasks), tf.not_equal(j, tf.range(num_tasks))
 
 
-class PCGrad(_SeededGradientWeighting):
+class PCGrad(SeededDraws, GramianWeighting):
     """Projecting Conflicting Gradients (Yu et al., "Gradient Surgery for Multi-Task Learning",
     NeurIPS 2020).
 
@@ -59,7 +48,6 @@ class PCGrad(_SeededGradientWeighting):
     """
 
     name = "pcgrad"
-    uses_gramian = True
 
     def weights_from_gramian(self, gramian: tf.Tensor,
                              context: StepContext | None = None) -> tf.Tensor:
@@ -77,7 +65,7 @@ class PCGrad(_SeededGradientWeighting):
         return self._record_gradient_weights(tf.reduce_sum(coefficients, axis=0))
 
 
-class GradVac(_SeededGradientWeighting):
+class GradVac(SeededDraws, GramianWeighting):
     """Gradient Vaccine (Wang, Tsvetkov, Firat & Cao, ICLR 2021), whole-model granularity.
 
     Keeps EMA targets phi_hat[i, j] of the cosine similarity of tasks i and j (a [T, T]
@@ -104,7 +92,6 @@ class GradVac(_SeededGradientWeighting):
     """
 
     name = "gradvac"
-    uses_gramian = True
     supports_rep = False
 
     def __init__(self, beta: float = 0.5, seed: int = 0):
@@ -144,7 +131,7 @@ class GradVac(_SeededGradientWeighting):
         return self._record_gradient_weights(tf.reduce_sum(coefficients, axis=0))
 
 
-class GradDrop(_SeededGradientWeighting):
+class GradDrop(SeededDraws, GradientWeighting):
     """Gradient Sign Dropout (Chen et al., "Just Pick a Sign", NeurIPS 2020).
 
     Per coordinate p of the gradients: sign purity P = (1 + sum_i g_ip / sum_i |g_ip|) / 2, a

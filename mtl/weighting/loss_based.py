@@ -143,13 +143,8 @@ class RLW(SeededDraws, LossWeighting):
     name = "rlw"
     needs_global_losses = False
 
-    def __init__(self, seed: int = 0):
-        super().__init__()
-        self._set_seed(seed)
-
     def build(self, task_names: Sequence[str], task_weights: Sequence[float]) -> None:
         super().build(task_names, task_weights)
-        self._create_counter()
         self._create_last_weights()
 
     def combine(self, losses: tf.Tensor, context: StepContext | None = None) -> tf.Tensor:
