@@ -24,7 +24,8 @@ from mtl.preemption import TrainingStopped  # noqa: F401 (API)
 from mtl import weighting as weighting_lib
 from mtl.finetune import (FineTuning, layers_to_unfreeze, scaled_optimizer,
                           trainable_weights_when_unfrozen)
-from mtl.step import LossScale, StepFunctions
+from mtl.step import LossScale, TrainStep
+from mtl.update_policy import ON_NONFINITE
 from mtl.tasks import Task
 
 
@@ -209,7 +210,7 @@ class Trainer:
 
     def _build_step(self) -> None:
         """(Re)creates the compiled functions for the currently trainable variables."""
-        self._steps = StepFunctions(
+        self._steps = TrainStep(
             model=self.model, tasks=self.tasks, weighting=self.weighting,
             optimizer=self.optimizer, strategy=self.strategy, variables=self.variables,
             train_metrics=self.train_metrics, eval_metrics=self.eval_metrics,
@@ -316,7 +317,7 @@ class Trainer:
                                   self.diagnostics_every) if b]
         unfreeze_at = self.fine_tuning.unfreeze_at_step if self._to_unfreeze else None
         bar = progress.progress_bar(total=steps, initial=start, enabled=self.is_chief)
-        loss_sum, total_sum, seen, examples = None, 0.0, 0, 0
+        loss_sum, applied_sum, seen, examples = None, 0, 0, 0
         interval_start = time.perf_counter()
         with progress.absl_logging_through_tqdm(), bar, preemption.StopSignals() as stop:
             while self.global_step < steps:
@@ -336,25 +337,27 @@ class Trainer:
                         n = int(changes[0])
                     loop_iterator = iterator[task_schedule.tasks[int(drawn[0])]]
                 self._maybe_unfreeze()
-                task_losses, total, num_examples, steps_run, last = self._steps.train_loop(
+                sums, applied, steps_run, num_examples, last = self._steps.train_loop(
                     loop_iterator, tf.constant(n, tf.int32))
                 if int(steps_run) < n:
                     self._raise_nonfinite(last.numpy())
-                task_losses = task_losses.numpy() * n
-                loss_sum = task_losses if loss_sum is None else loss_sum + task_losses
-                total_sum += float(total) * n
+                sums = sums.numpy()
+                loss_sum = sums if loss_sum is None else loss_sum + sums
+                applied_sum += int(applied)
                 seen += n
                 examples += int(num_examples)
                 step = self.global_step
                 bar.update(n)
-                bar.set_postfix({t.name: f"{v / seen:.4g}" for t, v in zip(self.tasks, loss_sum)},
+                means = self._interval_means(loss_sum, applied_sum)
+                bar.set_postfix({t.name: f"{v:.4g}" for t, v in zip(self.tasks, means)},
                                 refresh=False)
                 if step % self.log_every == 0 or step == steps:
                     elapsed = max(time.perf_counter() - interval_start, 1e-9)
-                    record = self._log_train(step, loss_sum / seen, total_sum / seen,
-                                             examples / elapsed, seen / elapsed)
+                    record = self._log_train(step, means[:len(self.tasks)],
+                                             self._total_loss(means), examples / elapsed,
+                                             seen / elapsed)
                     history.train.append(record)
-                    loss_sum, total_sum, seen, examples = None, 0.0, 0, 0
+                    loss_sum, applied_sum, seen, examples = None, 0, 0, 0
                     interval_start = time.perf_counter()
                 if diagnose and step % self.diagnostics_every == 0:
                     history.diagnostics.append(self._log_diagnostics(step, diagnostics_batch))
@@ -367,6 +370,20 @@ class Trainer:
                 if self.checkpoint_every and step % self.checkpoint_every == 0 or step == steps:
                     self.save()
         return history
+
+    def _interval_means(self, sums: np.ndarray, applied: int) -> np.ndarray:
+        """The statistics' means over the applied updates of an interval (skipped updates do
+        not count; NaN when none was applied)."""
+        if not applied:
+            return np.full_like(sums, np.nan)
+        return sums / applied
+
+    def _total_loss(self, means: np.ndarray) -> float:
+        """The logged total: sum_t Task.weight * L_t plus the regularisation, the same
+        objective for every weighting method (the method's own weights are in diagnostics)."""
+        num_tasks = len(self.tasks)
+        weights = np.array([t.weight for t in self.tasks])
+        return float(np.sum(weights * means[:num_tasks]) + means[num_tasks])
 
     def _make_iterator(self, data, task_schedule=None):
         """An iterator over `data` (a dict of them for task sampling) that continues where a
@@ -619,7 +636,6 @@ class Trainer:
         self._writers[split].flush()
 
 
-ON_NONFINITE = ("stop", "skip")
 GRADIENT_MODES = ("exact", "rep")
 
 

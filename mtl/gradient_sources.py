@@ -1,0 +1,524 @@
+"""Where an update's gradients come from: one part per weighting family, chosen once.
+
+An update is K micro-batches on R replicas. Whatever the family, a source returns the gradients
+that one device in float32 would compute on the whole update batch (K x R x per-replica batch):
+
+  * `WeightedGradients` (loss-based methods, and gradient methods in "rep" mode). The method
+    looks at the whole batch once (its task losses; in rep mode also the Gramian of the task
+    gradients w.r.t. the shared representation) and returns a weight per task loss; the backward
+    pass then differentiates the weighted sum. With K > 1 and a method that must see the whole
+    batch first, a forward-only pre-pass over the K micro-batches collects what it needs (the
+    cost of one more forward per micro-batch; `scripts/benchmark.py` measures it).
+  * `JacobianRows` (gradient methods, "exact" mode): the per-task gradients of the shared
+    variables are accumulated over micro-batches and replicas as a [T, P] Jacobian; the method
+    aggregates it once into one direction.
+
+In both, regularisation losses (`model.losses`) are not a task: their gradient is added once,
+after the method has combined the task gradients, and variables that only one task uses get
+their task's gradient (loss methods: times the method's weight, as the total is differentiated).
+
+Distribution. A replica's task-loss *share* is its examples' weighted loss sum divided by the
+task's normaliser over the whole update batch (`mtl.task_losses.compute_task_losses`): the shares of
+all micro-batches and replicas add up to the task loss, and so do their gradients. A quantity
+that every replica computes whole (the method's direction, its own variables' gradients) is
+divided by R, because the optimizer sums the replicas' gradients. Regularisation is divided by
+K x R in each micro-batch for the same reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from mtl import weighting as weighting_lib
+from mtl.task_losses import compute_task_losses, unpack_batch
+from mtl.tasks import Task
+from mtl.weighting import StepContext
+
+# Layout of the statistics vector each micro-batch returns per replica (summed over both):
+# [task-loss shares (T), regularisation share, examples, non-finite gradient flag].
+REG, EXAMPLES, BAD_GRAD = range(3)
+NUM_EXTRA_STATS = 3
+
+
+def flatten_gradients(gradients: Sequence[tf.Tensor], num_tasks: int) -> tf.Tensor:
+    """[g_1, ..., g_n] (each [num_tasks, *shape_i]) -> [num_tasks, num_params] float32."""
+    return tf.concat([tf.reshape(tf.cast(g, tf.float32), [num_tasks, -1]) for g in gradients],
+                     axis=1)
+
+
+def unflatten(direction: tf.Tensor, variables: Sequence[tf.Variable]) -> list[tf.Tensor]:
+    """[num_params] -> one tensor per variable, in the variables' shapes."""
+    sizes = [int(np.prod(v.shape)) for v in variables]
+    return [tf.reshape(part, v.shape) for part, v in zip(tf.split(direction, sizes), variables)]
+
+
+def all_finite(tensors) -> tf.Tensor:
+    tensors = [t for t in tf.nest.flatten(tensors) if t is not None]
+    if not tensors:
+        return tf.constant(True)
+    return tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in tensors])
+
+
+def _sum_over_replicas(strategy, value):
+    return strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
+
+
+# --------------------------------------------------------------------------------- forward
+class Forward:
+    """How the model runs in a train step: returns ({task: output}, shared features or None).
+
+    The whole Functional model, or (when the shared features are needed, or the backbone is
+    frozen) the backbone and then each head, the same layer objects the model runs. A frozen
+    backbone runs in inference mode (Dropout off, BatchNorm on its moving statistics); the
+    heads in training mode.
+    """
+
+    def __init__(self, model, tasks: Sequence[Task], *, need_features: bool):
+        backbone = getattr(model, "backbone", None)
+        self.model = model
+        self.task_names = [t.name for t in tasks]
+        self.backbone_frozen = backbone is not None and not backbone.trainable_weights
+        self.split = backbone is not None and (need_features or self.backbone_frozen)
+
+    def __call__(self, features):
+        if not self.split:
+            return self.model(features, training=True), None
+        shared = self.model.backbone(features, training=not self.backbone_frozen)
+        heads = self.model.heads
+        return {name: heads[name](shared, training=True) for name in self.task_names}, shared
+
+    def regularisation(self):
+        """The sum of the model's regularisation losses (None when it has none)."""
+        losses = self.model.losses
+        return tf.add_n([tf.cast(l, tf.float32) for l in losses]) if losses else None
+
+
+# ---------------------------------------------------------------------------- accumulators
+class PassThrough:
+    """K = 1: the one micro-batch's per-replica gradients are the update's."""
+
+    def __init__(self, strategy):
+        self.strategy = strategy
+        self._value = None
+
+    def reset(self) -> None:
+        self._value = None
+
+    def add(self, per_replica) -> None:
+        self._value = per_replica
+
+    def local(self):
+        """Per-replica values (to pass into `strategy.run`)."""
+        return self._value
+
+    def total_of(self, index: int):
+        """Part `index` summed over replicas (cross-replica context)."""
+        return _sum_over_replicas(self.strategy, self._value[index])
+
+
+class Summed:
+    """K > 1: per-replica sums over the micro-batches, in ON_READ variables (each replica adds
+    its own gradients; reading in the cross-replica context sums the replicas)."""
+
+    def __init__(self, strategy, shapes: Sequence[Sequence[int]]):
+        self.strategy = strategy
+        with strategy.scope():
+            self.variables = [
+                tf.Variable(tf.zeros(shape, tf.float32), trainable=False,
+                            synchronization=tf.VariableSynchronization.ON_READ,
+                            aggregation=tf.VariableAggregation.SUM) for shape in shapes]
+
+    def reset(self) -> None:
+        self.strategy.run(lambda: [v.assign(tf.zeros_like(v)) for v in self.variables])
+
+    def add(self, per_replica) -> None:
+        def add_local(values):
+            for variable, value in zip(self.variables, values):
+                variable.assign_add(tf.cast(value, tf.float32))
+        self.strategy.run(add_local, args=(per_replica,))
+
+    def local(self):
+        return self.strategy.run(lambda: [v.read_value() for v in self.variables])
+
+    def total_of(self, index: int):
+        return self.variables[index].read_value()
+
+
+def accumulator(strategy, shapes, micro_batches: int):
+    return PassThrough(strategy) if micro_batches == 1 else Summed(strategy, shapes)
+
+
+# ---------------------------------------------------------------------------------- update
+@dataclasses.dataclass
+class Update:
+    """What a source computed for one update (cross-replica context).
+
+    `apply_args` are passed to `strategy.run(source.replica_gradients, args=apply_args)`, which
+    returns this replica's gradient for each of `source.variables`. `stats` [T + 3] are summed
+    over micro-batches and replicas; `finite` covers what the method computed from them;
+    `metric_inputs` are the (batch, per-replica outputs) pairs for the train metrics.
+    """
+
+    apply_args: tuple
+    stats: tf.Tensor
+    finite: tf.Tensor
+    metric_inputs: list
+
+
+class _Source:
+    """What the sources share: the variables, the micro-batch loss computation, finiteness."""
+
+    def __init__(self, *, forward: Forward, tasks, method, strategy, model_variables,
+                 shared_variables, micro_batches: int):
+        self.forward = forward
+        self.tasks = tuple(tasks)
+        self.method = method
+        self.strategy = strategy
+        self.micro_batches = micro_batches
+        shared_ids = {id(v) for v in shared_variables}
+        self.shared = [v for v in model_variables if id(v) in shared_ids]
+        self.plain = [v for v in model_variables if id(v) not in shared_ids]
+        self.method_variables = list(method.trainable_variables)
+        #: The variables this source computes gradients for, in `replica_gradients`' order.
+        self.variables = self.shared + self.plain + self.method_variables
+        self.task_weights = tf.constant([t.weight for t in self.tasks], tf.float32)
+        #: Per variable of `variables`: does a loss reach it? (Set when the pass is traced;
+        #: an unconnected variable is left out of the update, as Keras `fit` does.)
+        self.connected = None
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.tasks)
+
+    def _losses_and_reg(self, batch, normalisers):
+        """Forward on this replica's micro-batch: (outputs, shared features, task-loss shares
+        [T], regularisation share or None). Call under a tape to differentiate them."""
+        features, labels, sample_weights = unpack_batch(batch)
+        outputs, shared_features = self.forward(features)
+        shares = compute_task_losses(self.tasks, outputs, labels, sample_weights,
+                                   global_normalisers=normalisers)
+        reg = self.forward.regularisation()
+        if reg is not None:
+            replicas = self.strategy.num_replicas_in_sync
+            reg = reg / float(self.micro_batches * replicas)
+        return outputs, shared_features, shares, reg
+
+    def _stats(self, batch, shares, reg, gradients):
+        features = unpack_batch(batch)[0]
+        examples = tf.cast(tf.shape(tf.nest.flatten(features)[0])[0], tf.float32)
+        reg_value = tf.zeros([]) if reg is None else tf.stop_gradient(reg)
+        bad = tf.cast(tf.logical_not(all_finite(gradients)), tf.float32)
+        return tf.concat([tf.stop_gradient(shares), [reg_value, examples, bad]], axis=0)
+
+    @staticmethod
+    def _zeros_for_none(gradients, variables) -> list:
+        return [tf.zeros_like(v) if g is None else tf.cast(g, tf.float32)
+                for g, v in zip(gradients, variables)]
+
+    def _reduce_stats(self, per_replica_stats):
+        return _sum_over_replicas(self.strategy, per_replica_stats)
+
+
+# ---------------------------------------------------------------- weighted-sum gradients
+class LossDecision:
+    """A loss-based method decides from the whole batch's task losses L [T]:
+
+        total = method.combine(L);  weight_t = d total / d L_t;  its own variables' gradient
+        = d total / d theta_method
+
+    so a method whose weights depend on the losses sees the update's losses once, and its
+    trainable variables (uncertainty's log-variances) get the whole batch's gradient once.
+    """
+
+    needs_gramian = False
+
+    def __init__(self, method):
+        self.method = method
+        #: Must the method see the update's losses before the backward pass?
+        self.needs_whole_batch = bool(getattr(method, "needs_global_losses", True)
+                                      or method.trainable_variables)
+
+    def decide(self, losses, gramian=None, num_replicas: int = 1):
+        del gramian
+        losses = tf.stop_gradient(tf.convert_to_tensor(losses, tf.float32))
+        variables = list(self.method.trainable_variables)
+        with tf.GradientTape() as tape:
+            tape.watch(losses)
+            total = self.method.combine(losses, StepContext(global_losses=losses,
+                                                            num_replicas=1))
+        weights, *method_gradients = tape.gradient(
+            total, [losses] + variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        # Every replica computes the whole gradient; the optimizer sums the replicas'.
+        method_gradients = [g / float(num_replicas) for g in method_gradients]
+        return weights, weights, method_gradients
+
+
+class RepDecision:
+    """A Gramian method in "rep" mode decides from the Gramian of the per-task gradients
+    w.r.t. the shared representation, summed over the update's examples (the representation of
+    different examples are different coordinates, so the whole batch's Gramian is the sum of
+    the micro-batches' and replicas'). The shared variables get sum_t w_t grad(row_t), the other
+    variables their task's plain gradient (row_t = Task.weight * L_t)."""
+
+    needs_gramian = True
+    needs_whole_batch = True
+
+    def __init__(self, method, task_weights):
+        self.method = method
+        self.task_weights = task_weights
+
+    def decide(self, losses, gramian, num_replicas: int = 1):
+        losses = tf.stop_gradient(tf.convert_to_tensor(losses, tf.float32))
+        w = self.method.weights_from_gramian(
+            gramian, StepContext(global_losses=losses, num_replicas=num_replicas))
+        w = tf.stop_gradient(tf.cast(w, tf.float32))
+        return w * self.task_weights, self.task_weights, []
+
+
+class PlainSum:
+    """No trainable variable is shared between tasks: a gradient method has nothing to
+    combine, and every variable gets its task's plain gradient (the weighted loss sum)."""
+
+    needs_gramian = False
+    needs_whole_batch = False
+
+    def __init__(self, task_weights):
+        self.task_weights = task_weights
+
+    def decide(self, losses, gramian=None, num_replicas: int = 1):
+        del losses, gramian, num_replicas
+        return self.task_weights, self.task_weights, []
+
+
+class WeightedGradients(_Source):
+    """Gradients of weighted task-loss sums, with weights from a decision made once per update
+    (`LossDecision`, `RepDecision` or `PlainSum`).
+
+    K = 1: one pass; the decision is made inside it, between the forward and the backward pass
+    (the losses, and in rep mode the Gramian, all-reduced over replicas first). K > 1: the
+    decision comes first, from a forward-only pre-pass over the K micro-batches when the method
+    must see the whole batch; then K backward passes with fixed weights.
+    """
+
+    def __init__(self, decision, **kwargs):
+        super().__init__(**kwargs)
+        self.decision = decision
+        # The shared variables are differentiated apart only when their weights differ.
+        self.separate_shared = isinstance(decision, RepDecision)
+        self.gradients = accumulator(self.strategy, [v.shape for v in self.variables[
+            :len(self.shared) + len(self.plain)]], self.micro_batches)
+
+    # -- replica side
+    def _gramian(self, tape, scaled_rows, shared_features, scale):
+        """This replica's Gramian [T, T] of the task rows' gradients w.r.t. the shared
+        features (float32: the features may be float16 or bfloat16)."""
+        jacobian = tape.jacobian(scaled_rows, shared_features, experimental_use_pfor=True)
+        rows = flatten_gradients([jacobian], self.num_tasks) / scale
+        return tf.matmul(rows, rows, transpose_b=True)
+
+    def _decide_inline(self, tape, shares, scaled_rows, shared_features, scale):
+        """The K = 1 decision, on the whole batch: the replicas' losses (and Gramians) are
+        summed first."""
+        replica = tf.distribute.get_replica_context()
+        replicas = self.strategy.num_replicas_in_sync
+        losses = tf.stop_gradient(shares)
+        gramian = None
+        if self.decision.needs_gramian:
+            gramian = self._gramian(tape, scaled_rows, shared_features, scale)
+        if self.decision.needs_whole_batch and replicas > 1:
+            losses = replica.all_reduce(tf.distribute.ReduceOp.SUM, losses)
+            if gramian is not None:
+                gramian = replica.all_reduce(tf.distribute.ReduceOp.SUM, gramian)
+        return self.decision.decide(losses, gramian, replicas)
+
+    def _replica_pass(self, batch, normalisers, scale, decision):
+        """Forward and backward on this replica's micro-batch. `decision` None: decide here."""
+        with tf.GradientTape(persistent=self.separate_shared) as tape:
+            outputs, shared_features, shares, reg = self._losses_and_reg(batch, normalisers)
+            scaled_rows = self.task_weights * shares * scale
+            if decision is None:
+                with tape.stop_recording():
+                    decision = self._decide_inline(tape, shares, scaled_rows, shared_features,
+                                                   scale)
+            shared_weights, plain_weights, method_gradients = decision
+            reg_scaled = 0.0 if reg is None else reg * scale
+            plain_target = tf.reduce_sum(tf.stop_gradient(plain_weights) * shares) * scale \
+                + reg_scaled
+            if self.separate_shared:
+                shared_target = tf.reduce_sum(tf.stop_gradient(shared_weights) * shares) \
+                    * scale + reg_scaled
+        if self.separate_shared:
+            gradients = tape.gradient(shared_target, self.shared) + tape.gradient(
+                plain_target, self.plain)
+        else:
+            gradients = tape.gradient(plain_target, self.shared + self.plain)
+        del tape
+        gradients = [g if g is None else g / scale for g in gradients]
+        # The method's own variables always get a gradient (zero when unconnected).
+        self.connected = [g is not None for g in gradients] + [True] * len(
+            self.method_variables)
+        gradients = self._zeros_for_none(gradients, self.shared + self.plain)
+        stats = self._stats(batch, shares, reg, [gradients, method_gradients, shared_weights])
+        return gradients, list(method_gradients), outputs, stats
+
+    def _replica_prepass(self, batch, normalisers, scale):
+        """Forward only (and, in rep mode, the Gramian): this replica's loss shares [T] and
+        Gramian [T, T] (zeros when not needed)."""
+        with tf.GradientTape(persistent=True) as tape:
+            _, shared_features, shares, _ = self._losses_and_reg(batch, normalisers)
+            scaled_rows = self.task_weights * shares * scale
+        gramian = tf.zeros([self.num_tasks, self.num_tasks])
+        if self.decision.needs_gramian:
+            gramian = self._gramian(tape, scaled_rows, shared_features, scale)
+        del tape
+        return tf.stop_gradient(shares), gramian
+
+    def _replica_decide(self, losses, gramian):
+        return self.decision.decide(losses, gramian if self.decision.needs_gramian else None,
+                                    self.strategy.num_replicas_in_sync)
+
+    def replica_gradients(self, gradients, method_gradients):
+        return list(gradients) + list(method_gradients)
+
+    # -- cross-replica side
+    def _whole_batch(self, batches, normalisers, scale, restore_state):
+        """The forward-only pre-pass: the update's losses [T] and Gramian, summed. Layer state
+        that a forward pass advances (BatchNorm statistics, Dropout's RNG) is restored after it,
+        so the backward passes see exactly what a single pass would."""
+        saved = [tf.identity(v) for v in restore_state]
+        losses = tf.zeros([self.num_tasks])
+        gramian = tf.zeros([self.num_tasks, self.num_tasks])
+        for batch in batches:
+            shares, local_gramian = self.strategy.run(self._replica_prepass,
+                                                      args=(batch, normalisers, scale))
+            losses += _sum_over_replicas(self.strategy, shares)
+            gramian += _sum_over_replicas(self.strategy, local_gramian)
+        with tf.control_dependencies([losses, gramian]):
+            for variable, value in zip(restore_state, saved):
+                variable.assign(value)
+        return losses, gramian
+
+    def compute(self, batches, normalisers, scale, restore_state=()) -> Update:
+        self.gradients.reset()
+        decision = None  # K = 1: made inside the pass.
+        if len(batches) > 1:
+            losses = tf.zeros([self.num_tasks])
+            gramian = tf.zeros([self.num_tasks, self.num_tasks])
+            if self.decision.needs_whole_batch:
+                losses, gramian = self._whole_batch(batches, normalisers, scale, restore_state)
+            decision = self.strategy.run(self._replica_decide, args=(losses, gramian))
+        stats, metric_inputs, method_gradients = 0.0, [], None
+        for batch in batches:
+            gradients, method_gradients, outputs, local_stats = self.strategy.run(
+                self._replica_pass, args=(batch, normalisers, scale, decision))
+            self.gradients.add(gradients)
+            stats += self._reduce_stats(local_stats)
+            metric_inputs.append((batch, outputs))
+        if decision is not None:
+            method_gradients = decision[2]
+        return Update(apply_args=(self.gradients.local(), method_gradients), stats=stats,
+                      finite=tf.constant(True), metric_inputs=metric_inputs)
+
+
+# ------------------------------------------------------------------------ Jacobian rows
+class JacobianRows(_Source):
+    """Exact mode: the per-task gradients of the shared variables, J [T, P] (one batched
+    Jacobian per micro-batch, pfor), summed over micro-batches and replicas; the method turns
+    the whole batch's J into one direction (cross-replica context), once per update. The other
+    variables get the gradient of sum_t Task.weight * L_t, the regularisation its own."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        if self.method_variables:
+            raise ValueError(f"Weighting {self.method.name!r} has trainable variables; a "
+                             "gradient-based method must keep its state in non-trainable "
+                             "variables.")
+        self.variables = self.shared + self.plain
+        size = sum(int(np.prod(v.shape)) for v in self.shared)
+        shapes = ([[self.num_tasks, size]] + [v.shape for v in self.plain]
+                  + [v.shape for v in self.shared])
+        self.parts = accumulator(self.strategy, shapes, self.micro_batches)
+
+    def _replica_pass(self, batch, normalisers, scale):
+        with tf.GradientTape(persistent=True) as tape:
+            outputs, _, shares, reg = self._losses_and_reg(batch, normalisers)
+            rows = self.task_weights * shares
+            scaled_rows = rows * scale
+            reg_scaled = 0.0 if reg is None else reg * scale
+            plain_target = tf.reduce_sum(scaled_rows) + reg_scaled
+        # One batched Jacobian (pfor) for all tasks, not T separate backward passes.
+        jacobian = tape.jacobian(scaled_rows, self.shared, experimental_use_pfor=True,
+                                 unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        jacobian = flatten_gradients(jacobian, self.num_tasks) / scale
+        plain = tape.gradient(plain_target, self.plain)
+        if reg is None:
+            reg_shared = [None] * len(self.shared)
+        else:
+            reg_shared = tape.gradient(reg_scaled, self.shared)
+        del tape
+        plain = [g if g is None else g / scale for g in plain]
+        reg_shared = [g if g is None else g / scale for g in reg_shared]
+        # The shared variables always get the method's direction.
+        self.connected = [True] * len(self.shared) + [g is not None for g in plain]
+        plain = self._zeros_for_none(plain, self.plain)
+        reg_shared = self._zeros_for_none(reg_shared, self.shared)
+        stats = self._stats(batch, shares, reg, [jacobian, plain, reg_shared])
+        return [jacobian] + plain + reg_shared, outputs, stats
+
+    def replica_gradients(self, parts, direction):
+        """This replica's gradients: the method's direction (the same on every replica, so
+        1/R of it each) plus the local regularisation gradient; the plain ones as they are."""
+        plain = parts[1:1 + len(self.plain)]
+        reg_shared = parts[1 + len(self.plain):]
+        replicas = float(self.strategy.num_replicas_in_sync)
+        shared = [d / replicas + r for d, r in zip(unflatten(direction, self.shared),
+                                                   reg_shared)]
+        return shared + list(plain)
+
+    def compute(self, batches, normalisers, scale, restore_state=()) -> Update:
+        del restore_state
+        self.parts.reset()
+        stats, metric_inputs = 0.0, []
+        for batch in batches:
+            parts, outputs, local_stats = self.strategy.run(
+                self._replica_pass, args=(batch, normalisers, scale))
+            self.parts.add(parts)
+            stats += self._reduce_stats(local_stats)
+            metric_inputs.append((batch, outputs))
+        jacobian = self.parts.total_of(0)
+        losses = stats[:self.num_tasks]
+        context = StepContext(global_losses=losses,
+                              num_replicas=self.strategy.num_replicas_in_sync)
+        direction = self.method.aggregate(jacobian, context)
+        return Update(apply_args=(self.parts.local(), direction), stats=stats,
+                      finite=all_finite(direction), metric_inputs=metric_inputs)
+
+
+# --------------------------------------------------------------------------- the choice
+def gradient_source(*, method, gradient_mode: str, forward_for: Callable, tasks, strategy,
+                    model_variables, shared_variables, micro_batches: int) -> _Source:
+    """The one place where the weighting family decides how gradients are computed.
+
+    `forward_for(need_features)` builds the `Forward` the source needs.
+    """
+    task_weights = tf.constant([t.weight for t in tasks], tf.float32)
+    common = dict(tasks=tasks, method=method, strategy=strategy,
+                  model_variables=model_variables, micro_batches=micro_batches)
+    if isinstance(method, weighting_lib.LossWeighting):
+        return WeightedGradients(LossDecision(method), forward=forward_for(False),
+                                 shared_variables=(), **common)
+    if not shared_variables:
+        logging.info("Weighting %r has nothing to combine: no trainable variable is shared "
+                     "between tasks; every variable trains on its task's plain gradient.",
+                     method.name)
+        return WeightedGradients(PlainSum(task_weights), forward=forward_for(False),
+                                 shared_variables=(), **common)
+    if gradient_mode == "rep":
+        return WeightedGradients(RepDecision(method, task_weights), forward=forward_for(True),
+                                 shared_variables=shared_variables, **common)
+    return JacobianRows(forward=forward_for(False), shared_variables=shared_variables, **common)
