@@ -1,0 +1,104 @@
+"""A deliberately plain reference of one update, written from the semantics in the README ("How
+a step works") and sharing no code with `mtl/step.py`, `mtl/gradient_sources.py` or
+`mtl/update_policy.py`: eager, one device, float32, no `tf.function`, no strategy, the whole
+update batch at once, each task gradient by its own backward pass.
+
+    weights = reference_updates(model, tasks, method, optimizer, update_batches, ...)
+
+`model` is a `MultiTaskModel` (the reference trains it in place), `method` a built
+`mtl.weighting` object (only its public `combine` / `aggregate` / `weights_from_gramian` are
+called), `update_batches` a list of whole update batches `(x, labels, sample_weights)`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+import mtl
+
+
+def per_example_loss(kind: str, label, output):
+    """The loss of each example, [n] float32, written out."""
+    output = tf.cast(output, tf.float32)
+    if kind == "sparse_ce":
+        log_probs = tf.nn.log_softmax(output, axis=-1)
+        picked = tf.gather(log_probs, tf.cast(label, tf.int32), axis=1, batch_dims=1)
+        return -picked
+    if kind == "mse":
+        return tf.reduce_mean(tf.square(tf.reshape(tf.cast(label, tf.float32), [-1, 1])
+                                        - output), axis=-1)
+    raise ValueError(kind)
+
+
+def task_loss(kind, label, output, weight):
+    """Weighted mean over the labelled examples (weight > 0); 0 when none is labelled."""
+    keep = weight > 0
+    label, output, weight = (tf.boolean_mask(label, keep), tf.boolean_mask(output, keep),
+                             tf.boolean_mask(weight, keep))
+    if int(tf.size(weight)) == 0:
+        return tf.constant(0.0)
+    return tf.reduce_sum(weight * per_example_loss(kind, label, output)) / tf.reduce_sum(weight)
+
+
+def forward(model, x, frozen_backbone: bool):
+    features = model.backbone(x, training=not frozen_backbone)
+    return {name: head(features, training=True) for name, head in model.heads.items()}, features
+
+
+def reference_updates(model, tasks, method, optimizer, update_batches, *, mode="exact",
+                      frozen_backbone=False, skip=()):
+    """Applies one update per whole update batch, except those whose index is in `skip` (the
+    update changes nothing: neither the weights nor the method's state). `tasks` are
+    (name, loss kind, Task.weight) triples."""
+    names = [name for name, _, _ in tasks]
+    fixed = tf.constant([w for _, _, w in tasks], tf.float32)
+    backbone_vars = list(model.backbone.trainable_variables)
+    head_vars = [v for name in names for v in model.heads[name].trainable_variables]
+    method_vars = list(method.trainable_variables)
+    is_loss_method = isinstance(method, mtl.weighting.LossWeighting)
+    for index, (x, labels, weights) in enumerate(update_batches):
+        if index in skip:
+            continue
+        with tf.GradientTape(persistent=True) as tape:
+            outputs, features = forward(model, x, frozen_backbone)
+            losses = tf.stack([task_loss(kind, labels[name], outputs[name], weights[name])
+                               for name, kind, _ in tasks])
+            reg = tf.add_n(model.losses) if model.losses else tf.constant(0.0)
+            rows = [fixed[i] * losses[i] for i in range(len(tasks))]
+            plain_objective = tf.add_n(rows) + reg
+            if is_loss_method:
+                objective = method.combine(losses) + reg
+        if is_loss_method:
+            variables = backbone_vars + head_vars + method_vars
+            gradients = tape.gradient(objective, variables)
+        elif not backbone_vars:
+            # Nothing shared to combine: every variable gets its task's gradient.
+            variables = head_vars
+            gradients = tape.gradient(plain_objective, head_vars)
+        else:
+            variables = backbone_vars + head_vars
+            heads = tape.gradient(plain_objective, head_vars)
+            reg_shared = [g if g is not None else tf.zeros_like(v) for g, v in zip(
+                tape.gradient(reg, backbone_vars), backbone_vars)]
+            context = mtl.weighting.StepContext(global_losses=tf.stop_gradient(losses))
+            if mode == "exact":
+                jacobian = tf.stack([tf.concat([tf.reshape(g, [-1]) for g in tape.gradient(
+                    row, backbone_vars)], 0) for row in rows])
+                direction = method.aggregate(jacobian, context)
+                sizes = [int(np.prod(v.shape)) for v in backbone_vars]
+                shared = [tf.reshape(d, v.shape) for d, v in
+                          zip(tf.split(direction, sizes), backbone_vars)]
+            else:
+                jacobian = tf.stack([tf.reshape(tape.gradient(row, features), [-1])
+                                     for row in rows])
+                w = method.weights_from_gramian(tf.matmul(jacobian, jacobian, transpose_b=True),
+                                                context)
+                # The gradient of sum_t w_t row_t, w held constant.
+                shared = tape.gradient(rows, backbone_vars,
+                                       output_gradients=[w[i] for i in range(len(rows))])
+            gradients = [s + r for s, r in zip(shared, reg_shared)] + heads
+        del tape
+        optimizer.apply_gradients([(g, v) for g, v in zip(gradients, variables)
+                                   if g is not None])
+    return model

@@ -1,0 +1,136 @@
+"""Trains `mtl.Trainer` and the plain reference (`tests/oracle.py`) on the same update batches for
+each case given, and prints one JSON line per case with how far apart they end.
+
+    python combination_matrix.py one|mirrored CASES_JSON
+
+A case: {"method", "mode" (exact|rep), "k" (micro-batches), "reg" (L2 on a shared layer),
+"frozen" (backbone frozen), "dropout" (a Dropout layer in the backbone), "optimizer"}. The update
+batch is 16 examples; task "a" misses labels (placeholder -1, sample weight 0), task "c" has no
+label at all in some micro-batches. Run as a subprocess: "mirrored" needs 2 logical CPUs set up
+before TensorFlow starts.
+"""
+
+import json
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import mtl  # noqa: E402
+import oracle  # noqa: E402
+
+UPDATE_BATCH = 16
+UPDATES = 3
+TASKS = [("a", "sparse_ce", 1.0), ("b", "mse", 0.5), ("c", "sparse_ce", 1.0)]
+
+
+def data():
+    rng = np.random.RandomState(0)
+    n = UPDATE_BATCH * UPDATES
+    x = rng.randn(n, 6).astype(np.float32)
+    labels = {"a": rng.randint(0, 3, n).astype(np.int64),
+              "b": (x[:, :1].sum(1) + 0.1 * rng.randn(n)).astype(np.float32),
+              "c": (x[:, 1] > 0).astype(np.int64)}
+    weights = {"a": (rng.rand(n) > 0.3).astype(np.float32),
+               "b": np.ones(n, np.float32),
+               # c: labelled only in the first half of every update batch, with fractional
+               # weights (a micro-batch of 4 or 8 at the end has no label for c).
+               "c": np.where(np.arange(n) % UPDATE_BATCH < 6, 0.5 + rng.rand(n), 0.0
+                             ).astype(np.float32)}
+    labels["a"] = np.where(weights["a"] > 0, labels["a"], -1)  # a placeholder, never read
+    return x, labels, weights
+
+
+def build_model(case):
+    inputs = keras.Input((6,))
+    regularizer = keras.regularizers.L2(0.05) if case["reg"] else None
+    hidden = keras.layers.Dense(8, activation="tanh", kernel_regularizer=regularizer)(inputs)
+    if case["dropout"]:
+        hidden = keras.layers.Dropout(0.5)(hidden)
+    hidden = keras.layers.Dense(8, activation="tanh")(hidden)
+    backbone = keras.Model(inputs, hidden, name="backbone")
+    return mtl.MultiTaskModel(backbone, {"a": mtl.heads.classification(3),
+                                         "b": mtl.heads.regression(1),
+                                         "c": mtl.heads.classification(2)})
+
+
+def optimizer(name):
+    if name == "sgd":
+        return keras.optimizers.SGD(0.1, momentum=0.5)
+    # epsilon 1e-4, not 1e-7: Adam divides by sqrt(v) + epsilon, which turns float32 round-off
+    # in a near-zero gradient component (an iterative solver's last digits) into a full step.
+    return keras.optimizers.Adam(0.02, epsilon=1e-4)
+
+
+def run_case(strategy, case):
+    x, labels, weights = data()
+    keras.utils.set_random_seed(0)
+    with strategy.scope():
+        model = build_model(case)
+        tasks = [mtl.Task(name, loss=("mse" if kind == "mse" else
+                                      keras.losses.SparseCategoricalCrossentropy(
+                                          from_logits=True)), weight=w)
+                 for name, kind, w in TASKS]
+        trainer = mtl.Trainer(model, tasks, optimizer=optimizer(case["optimizer"]),
+                              weighting=case["method"], gradient_mode=case["mode"],
+                              grad_accum_steps=case["k"], steps_per_loop=UPDATES,
+                              strategy=strategy,
+                              fine_tuning=mtl.FineTuning(freeze_backbone=case["frozen"]))
+    initial = [w.numpy() for w in model.weights]
+    micro = UPDATE_BATCH // case["k"]
+    dataset = tf.data.Dataset.from_tensor_slices((x, labels, weights)).batch(
+        micro, drop_remainder=True)
+    trainer.fit(dataset, steps=UPDATES)
+
+    keras.utils.set_random_seed(0)
+    reference = build_model(case)
+    reference.set_weights(initial)
+    if case["frozen"]:
+        reference.backbone.trainable = False
+    method = mtl.weighting.get(case["method"])
+    method.build([n for n, _, _ in TASKS], [w for _, _, w in TASKS])
+    batches = [(x[i:i + UPDATE_BATCH], {k: v[i:i + UPDATE_BATCH] for k, v in labels.items()},
+                {k: tf.constant(v[i:i + UPDATE_BATCH]) for k, v in weights.items()})
+               for i in range(0, len(x), UPDATE_BATCH)]
+    oracle.reference_updates(reference, TASKS, method, optimizer(case["optimizer"]), batches,
+                             mode=case["mode"], frozen_backbone=case["frozen"])
+
+    def relative(got, want):
+        return float(np.max(np.abs(got - want)) / max(float(np.max(np.abs(want))), 1e-3))
+
+    weight_error = max(relative(a.numpy(), b.numpy())
+                       for a, b in zip(model.weights, reference.weights))
+    state_error = max([relative(np.asarray(a.numpy(), np.float64),
+                                np.asarray(b.numpy(), np.float64))
+                       for a, b in zip(trainer.weighting.variables, method.variables)] or [0.0])
+    moved = max(float(np.max(np.abs(w.numpy() - i))) for w, i in zip(model.weights, initial))
+    backbone_ids = {id(v) for v in model.backbone.weights}
+    frozen_kept = all(np.array_equal(w.numpy(), i) for w, i in zip(model.weights, initial)
+                      if id(w) in backbone_ids) if case["frozen"] else None
+    return {**case, "weight_error": weight_error, "state_error": state_error, "moved": moved,
+            "frozen_kept": frozen_kept,
+            "finite": all(bool(np.all(np.isfinite(w.numpy()))) for w in model.weights)}
+
+
+def main():
+    where, cases = sys.argv[1], json.loads(sys.argv[2])
+    strategy = (mtl.distribute.get_strategy("mirrored", cpu_replicas=2) if where == "mirrored"
+                else tf.distribute.OneDeviceStrategy("/cpu:0"))
+    for case in cases:
+        case = {"mode": "exact", "k": 1, "reg": False, "frozen": False, "dropout": False,
+                "optimizer": "sgd", **case}
+        try:
+            result = run_case(strategy, case)
+        except Exception as e:  # reported, so one case does not hide the others
+            result = {**case, "error": f"{type(e).__name__}: {str(e)[:2000]}"}
+        print(json.dumps({"replicas": 2 if where == "mirrored" else 1, **result}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
