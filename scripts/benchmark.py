@@ -19,10 +19,20 @@ the ratio to `mtl.Trainer` in its default settings (ratio > 1: slower than mtl):
   bare_step              a bare compiled GradientTape step called in a Python loop (the floor)
   mtl/pipeline           mtl.Trainer fed by the real TFDS pipeline instead of in-memory tensors
                          (timed after one epoch, when its cache is full)
-  weighting/<method>     (--weighting) mtl.Trainer with each weighting method, exact and rep mode
+  weighting/<method>/<mode>[/K=2]
+                         mtl.Trainer with a weighting method in exact or rep mode, with one
+                         micro-batch per update or two of half the batch (the same examples
+                         per update); `--weighting` adds every mode of the methods named
+  --variants=step_cost   the cost of one semantics: bare_step, equal, an adaptive loss method
+                         (uncertainty: with K=2 it needs a forward pre-pass over the update), an
+                         exact Jacobian method and a rep-mode method (mgda), each with K=1, 2
+
+Variants are built and warmed up first, then timed in turn (interleaved) `--repeats` times, so
+that a change in the machine's load falls on all of them alike.
 
     python scripts/benchmark.py                                   # CPU, multi_digits, small_cnn
     python scripts/benchmark.py --weighting=all --out=bench.json  # + per-method step cost
+    python scripts/benchmark.py --variants=step_cost              # K and mode costs vs the floor
     python scripts/benchmark.py --strategy=mirrored --num_gpus=2  # on a GPU workstation
 
 Absolute times depend on the machine and its load; compare ratios from one run.
@@ -92,15 +102,24 @@ def in_memory_data(batch_size):
     return tf.data.Dataset.from_tensor_slices(stacked).cache().repeat()
 
 
-def timed(run_steps, steps, repeats, warmup=None):
-    """run_steps(n) trains n steps; returns the median seconds per step."""
-    run_steps(warmup or max(steps // 5, 2))  # warm-up: tracing and compilation
-    times = []
+STEP_COST = ["bare_step", "weighting/equal/exact", "weighting/equal/exact/K=2",
+             "weighting/uncertainty/exact",
+             "weighting/uncertainty/exact/K=2", "weighting/mgda/exact",
+             "weighting/mgda/exact/K=2", "weighting/mgda/rep", "weighting/mgda/rep/K=2"]
+
+
+def timed_interleaved(runners, steps, repeats, warmups):
+    """runners: {name: run_steps(n)}. Warms each up, then times every one in turn `repeats`
+    times; returns {name: median seconds per step}."""
+    for name, run_steps in runners.items():
+        run_steps(warmups.get(name) or max(steps // 5, 2))  # tracing and compilation
+    times = {name: [] for name in runners}
     for _ in range(repeats):
-        start = time.perf_counter()
-        run_steps(steps)
-        times.append((time.perf_counter() - start) / steps)
-    return statistics.median(times)
+        for name, run_steps in runners.items():
+            start = time.perf_counter()
+            run_steps(steps)
+            times[name].append((time.perf_counter() - start) / steps)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def mtl_variant(strategy, data, policy="float32", weighting="equal", **trainer_args):
@@ -210,7 +229,14 @@ def main(argv):
     # The real pipeline is timed after one epoch, once its cache holds the decoded examples
     # (the steady state of a run); the first epoch also reads and decodes the TFRecords.
     warmups = {"mtl/pipeline": 12_000 // batch + 10}
-    names = [v for v in FLAGS.variants]
+    names = STEP_COST if FLAGS.variants == ["step_cost"] else list(FLAGS.variants)
+    for name in names:
+        parts = name.split("/")
+        if parts[0] == "weighting" and len(parts) in (3, 4) and parts[1] in mtl.weighting.METHODS:
+            k = 2 if parts[3:] == ["K=2"] else 1
+            builders[name] = (lambda m=parts[1], g=parts[2], k=k: mtl_variant(
+                strategy, in_memory_data(batch // k), weighting=m, gradient_mode=g,
+                steps_per_loop=n, grad_accum_steps=k))
     unknown = [v for v in names if v not in builders]
     if unknown:
         raise app.UsageError(f"Unknown variant {unknown[0]!r}; choose from {sorted(builders)}.")
@@ -228,17 +254,19 @@ def main(argv):
         names.insert(0, "weighting/equal/exact")
         builders["weighting/equal/exact"] = lambda: mtl_variant(strategy, memory,
                                                                 steps_per_loop=n)
-    results = {}
-    for name in names:
-        seconds = timed(builders[name](), FLAGS.steps, FLAGS.repeats, warmups.get(name))
-        results[name] = {"ms_per_step": seconds * 1e3, "examples_per_sec": batch / seconds}
-        print(f"{name:32s} {seconds * 1e3:9.2f} ms/step", flush=True)
+    seconds = timed_interleaved({name: builders[name]() for name in names}, FLAGS.steps,
+                                FLAGS.repeats, warmups)
+    results = {name: {"ms_per_step": s * 1e3, "examples_per_sec": batch / s}
+               for name, s in seconds.items()}
     base = results.get("mtl", next(iter(results.values())))["ms_per_step"]
-    equal = results.get("weighting/equal/exact", {}).get("ms_per_step")
+    equal = results.get("weighting/equal/exact", results.get("mtl", {})).get("ms_per_step")
+    bare = results.get("bare_step", {}).get("ms_per_step")
     for name, r in results.items():
         r["time_vs_mtl"] = r["ms_per_step"] / base
         if equal and name.startswith("weighting/"):
             r["time_vs_equal"] = r["ms_per_step"] / equal
+        if bare:
+            r["time_vs_bare_step"] = r["ms_per_step"] / bare
     print(format_table(results))
     os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
     with open(FLAGS.out, "w") as f:
@@ -255,12 +283,13 @@ def machine() -> str:
 
 
 def format_table(results) -> str:
-    lines = ["| variant | ms/step | examples/s | time vs mtl | time vs equal |",
-             "|---|---:|---:|---:|---:|"]
+    lines = ["| variant | ms/step | examples/s | time vs mtl | time vs equal | time vs bare step |",
+             "|---|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
         vs_equal = f"{r['time_vs_equal']:.2f}x" if "time_vs_equal" in r else ""
+        vs_bare = f"{r['time_vs_bare_step']:.2f}x" if "time_vs_bare_step" in r else ""
         lines.append(f"| {name} | {r['ms_per_step']:.2f} | {r['examples_per_sec']:.0f} | "
-                     f"{r['time_vs_mtl']:.2f}x | {vs_equal} |")
+                     f"{r['time_vs_mtl']:.2f}x | {vs_equal} | {vs_bare} |")
     return "\n".join(lines)
 
 
