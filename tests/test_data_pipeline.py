@@ -5,6 +5,7 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import random  # noqa: E402
 import time  # noqa: E402
 
 import keras  # noqa: E402
@@ -56,6 +57,23 @@ def test_failed_download_names_dataset_folder_and_remedy(tmp_path, monkeypatch, 
     assert "manual" not in message  # Only CelebA needs a manual download.
     assert raised.value.__cause__ is None and raised.value.__suppress_context__
     assert isinstance(raised.value, ValueError)  # An experiment's main ends with the message.
+
+
+def test_preparing_a_dataset_leaves_the_global_random_state_untouched(tmp_path, monkeypatch):
+    def prepare_drawing_random_numbers(self, *args, **kwargs):
+        random.random()  # TFDS names its temporary folder with Python's global `random`.
+        np.random.random()
+
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare",
+                        prepare_drawing_random_numbers)
+    random.seed(1)
+    np.random.seed(1)
+    with pytest.raises(pipeline.DatasetUnavailableError):  # Nothing was written to read back.
+        pipeline.load_tfds("cifar100", "train", data_dir=str(tmp_path))
+    after = random.random(), np.random.random()
+    random.seed(1)
+    np.random.seed(1)
+    assert after == (random.random(), np.random.random())
 
 
 def test_download_false_fails_at_once_when_the_data_is_missing(tmp_path):

@@ -1,5 +1,9 @@
+import random
+
+import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 import tensorflow_datasets as tfds
 
 import mtl  # noqa: F401  (registers multi_digits)
@@ -71,3 +75,30 @@ def test_load_errors(digits_data_dir):
         multi_digits.load("validation", batch_size=8, training=False)
     with pytest.raises(ValueError, match=r"batch_size must be an int >= 1; got 0"):
         multi_digits.load("train", batch_size=0, training=True, data_dir=digits_data_dir)
+
+
+def _random_state_after(prepare):
+    """Global random state, and what seeded Keras/TF draw next, after `prepare()` under seed 1."""
+    keras.utils.set_random_seed(1)
+    prepare()
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    dense = keras.layers.Dense(4)  # Its initialiser draws its seed from Python's `random`.
+    dense.build((None, 3))
+    return python_state, numpy_state, dense.kernel.numpy(), tf.random.uniform([3]).numpy()
+
+
+def test_preparing_the_dataset_leaves_the_random_state_untouched(tmp_path):
+    # The first run of an experiment prepares the dataset; a second one only reads it. Both must
+    # start from the same random state, hence the same initial weights.
+    def prepare():
+        multi_digits.load("train", batch_size=8, training=True, data_dir=str(tmp_path), seed=0)
+
+    prepared = _random_state_after(prepare)
+    assert (tmp_path / "multi_digits").is_dir()  # The data was generated in this call.
+    untouched = _random_state_after(lambda: None)
+    assert prepared[0] == untouched[0]  # random.getstate()
+    name, keys, *position = prepared[1]  # np.random.get_state()
+    assert name == untouched[1][0] and position == list(untouched[1][2:])
+    np.testing.assert_array_equal(keys, untouched[1][1])
+    np.testing.assert_array_equal(prepared[2], untouched[2])
+    np.testing.assert_array_equal(prepared[3], untouched[3])

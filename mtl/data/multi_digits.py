@@ -4,7 +4,10 @@ Built from scikit-learn's bundled handwritten digits (1,797 real 8x8 images, val
 example is a 16x32 canvas: one digit in the left 16x16 half, one in the right, each at a random
 offset. Labels: `left` (0..9), `right` (0..9) and `sum` (left + right, 0..18, for regression).
 The source images are split once (fixed permutation) so that train and test examples never
-share a source image; generation is deterministic.
+share a source image; generation is deterministic. Generation draws only from its own seeded
+`np.random.RandomState`s, and preparing the dataset leaves the process's global random state
+(Python's `random`, NumPy's) as it was, so the run that prepares it and a run that only reads it
+build the same initial weights under the same seed.
 
 `import mtl` registers the TFDS builder, so `tfds.load("multi_digits", split="train")` works.
 """
@@ -60,6 +63,11 @@ class MultiDigits(tfds.core.GeneratorBasedBuilder):
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "First release."}
+
+    def download_and_prepare(self, *args, **kwargs):
+        # TFDS draws from Python's global `random` while preparing (see preserved_random_state).
+        with pipeline.preserved_random_state():
+            return super().download_and_prepare(*args, **kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(

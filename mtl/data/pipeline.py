@@ -16,9 +16,12 @@ under XLA, which ignores the seeds of stateful random ops).
 
 from __future__ import annotations
 
+import contextlib
+import random
 import re
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
+import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
@@ -81,6 +84,25 @@ def check_tasks(dataset: str, tasks, available: Sequence[str]) -> tuple[str, ...
 
 
 # ------------------------------------------------------------------------------- loading
+@contextlib.contextmanager
+def preserved_random_state() -> Iterator[None]:
+    """Restores Python's and NumPy's global random state on exit.
+
+    Preparing a TFDS dataset draws from Python's global `random` (TFDS names its temporary
+    `incomplete.XXXXXX` folder with `random.choice`), and Keras initialisers without an explicit
+    seed draw their seeds from that same state. Without this guard, the run that prepares a
+    dataset and a later run that only reads it would start from different weights under the
+    same `keras.utils.set_random_seed`.
+    """
+    python_state = random.getstate()
+    numpy_state = np.random.get_state()
+    try:
+        yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+
+
 def load_tfds(name: str, split: str, *, data_dir: str | None = None, shuffle_files: bool = False,
               seed: int | None = None, download: bool = True,
               how_to_provide: str = "") -> tf.data.Dataset:
@@ -93,11 +115,13 @@ def load_tfds(name: str, split: str, *, data_dir: str | None = None, shuffle_fil
     `how_to_provide` is added to that message (e.g. the manual-download steps of a dataset), with
     `{data_dir}` replaced by the data folder.
     `shuffle_files` with `seed` reads the files in a seeded order (for training).
+    Preparing leaves the process's global random state as it was (`preserved_random_state`).
     """
     builder = tfds.builder(name, data_dir=data_dir)
     if download:
         try:
-            builder.download_and_prepare()
+            with preserved_random_state():
+                builder.download_and_prepare()
         except Exception as error:  # noqa: BLE001  Any failure here means "data not available".
             raise DatasetUnavailableError(
                 _unavailable_message(builder, name, error, how_to_provide, download)) from None
