@@ -5,7 +5,7 @@ head's gradient reaches the shared layers; `tf.distribute` carries the same step
 """
 
 from mtl import backbones, data, distribute, heads, weighting
-from mtl.finetune import FineTuning
+from mtl.config import Config, FineTuning, TrainerOptions, UsageError
 from mtl.model import MultiTaskModel, SharingReport, sharing_report
 from mtl.tasks import Task
 from mtl.trainer import (CheckpointReadError, CheckpointWriteError, History, NonFiniteError,
@@ -14,7 +14,8 @@ from mtl.trainer import (CheckpointReadError, CheckpointWriteError, History, Non
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckpointReadError", "CheckpointWriteError", "FineTuning", "History", "MultiTaskModel",
-    "NonFiniteError", "TrainingStopped", "SharingReport", "Task", "Trainer", "backbones", "data",
-    "distribute", "heads", "sharing_report", "weighting",
+    "CheckpointReadError", "CheckpointWriteError", "Config", "FineTuning", "History",
+    "MultiTaskModel", "NonFiniteError", "TrainingStopped", "SharingReport", "Task", "Trainer",
+    "TrainerOptions", "UsageError", "backbones", "data", "distribute", "heads", "sharing_report",
+    "weighting",
 ]

@@ -9,16 +9,17 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import keras
+from mtl.config import UsageError
 
 
 def _check_input_shape(builder: str, input_shape) -> tuple:
     try:
         shape = tuple(int(d) for d in input_shape)
     except (TypeError, ValueError):
-        raise ValueError(f"{builder}: input_shape must be a tuple of ints; got {input_shape!r}."
+        raise UsageError(f"{builder}: input_shape must be a tuple of ints; got {input_shape!r}."
                          ) from None
     if not shape or any(d <= 0 for d in shape):
-        raise ValueError(f"{builder}: input_shape must be non-empty with positive sizes; "
+        raise UsageError(f"{builder}: input_shape must be non-empty with positive sizes; "
                          f"got {input_shape!r}.")
     return shape
 
@@ -46,7 +47,7 @@ def small_cnn(input_shape, filters: Sequence[int] = (32, 64), *, dense: int = 12
     """
     shape = _check_input_shape("small_cnn", input_shape)
     if len(shape) != 3:
-        raise ValueError(f"small_cnn: input_shape must be (height, width, channels); got {shape}.")
+        raise UsageError(f"small_cnn: input_shape must be (height, width, channels); got {shape}.")
     inputs = keras.Input(shape=shape, name="inputs")
     x = inputs
     for i, f in enumerate(filters):
@@ -88,9 +89,9 @@ def resnet(input_shape, widths: Sequence[int] = (16, 32, 64), *, blocks_per_stag
     """
     shape = _check_input_shape("resnet", input_shape)
     if pooling not in ("avg", "flatten"):
-        raise ValueError(f"resnet: pooling must be 'avg' or 'flatten'; got {pooling!r}.")
+        raise UsageError(f"resnet: pooling must be 'avg' or 'flatten'; got {pooling!r}.")
     if blocks_per_stage < 1:
-        raise ValueError(f"resnet: blocks_per_stage must be >= 1; got {blocks_per_stage}.")
+        raise UsageError(f"resnet: blocks_per_stage must be >= 1; got {blocks_per_stage}.")
     inputs = keras.Input(shape=shape, name="inputs")
     x = keras.layers.Conv2D(widths[0], 3, padding="same", use_bias=False, name="stem_conv")(inputs)
     x = keras.layers.BatchNormalization(name="stem_bn")(x)
@@ -115,9 +116,9 @@ def mobilenet_v2(input_shape, *, alpha: float = 1.0, weights: str | None = None,
     """
     shape = _check_input_shape("mobilenet_v2", input_shape)
     if weights not in (None, "") and not isinstance(weights, str):
-        raise ValueError(f"mobilenet_v2: weights must be None or a local file path; got {weights!r}.")
+        raise UsageError(f"mobilenet_v2: weights must be None or a local file path; got {weights!r}.")
     if weights == "imagenet":
-        raise ValueError("mobilenet_v2: weights='imagenet' would download from the network; "
+        raise UsageError("mobilenet_v2: weights='imagenet' would download from the network; "
                          "save the weights to a local file once and pass its path instead.")
     base = keras.applications.MobileNetV2(input_shape=shape, alpha=alpha, include_top=False,
                                           weights=None, pooling="avg")
@@ -138,5 +139,5 @@ BUILDERS: dict[str, Callable[..., keras.Model]] = {
 def get(name: str, input_shape, **config) -> keras.Model:
     """Builds the backbone called `name` (one of `BUILDERS`)."""
     if name not in BUILDERS:
-        raise ValueError(f"Unknown backbone {name!r}; expected one of {sorted(BUILDERS)}.")
+        raise UsageError(f"Unknown backbone {name!r}; expected one of {sorted(BUILDERS)}.")
     return BUILDERS[name](input_shape, **config)

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 
 import tensorflow as tf
+from absl import logging
 
 
 class CheckpointWriteError(OSError):
@@ -81,3 +84,102 @@ def check_signature(directory: str, signature: dict) -> None:
         raise CheckpointReadError(
             f"{directory} holds a different model: {len(theirs)} variables there, "
             f"{len(ours)} here; use another model_dir (nothing was loaded).")
+
+
+class Checkpointer:
+    """What goes into a run's checkpoint, and saving and restoring it safely.
+
+    `objects` are the trackables saved (model, optimizers, step, method state, RNG states, ...);
+    `track` adds one later (the input iterators, once `fit` creates them). Only the chief writes
+    to `model_dir`; under multi-worker training the other workers take part in every save by
+    writing to a temporary folder that is removed right after (the `tf.distribute` pattern).
+    """
+
+    def __init__(self, objects: dict, *, model_dir: str | None, max_to_keep: int,
+                 signature: dict, is_chief: bool):
+        self.checkpoint = tf.train.Checkpoint(**objects)
+        self.signature = signature
+        self.is_chief = is_chief
+        #: The checkpoint the run was restored from (None: a fresh run).
+        self.restored_path = None
+        self._manager = None
+        if model_dir:
+            if is_chief:
+                check_writable(model_dir)
+            self._manager = tf.train.CheckpointManager(
+                self.checkpoint, os.path.join(model_dir, "checkpoints"), max_to_keep=max_to_keep)
+
+    @property
+    def enabled(self) -> bool:
+        return self._manager is not None
+
+    @property
+    def latest(self) -> str | None:
+        return self._manager.latest_checkpoint if self._manager else None
+
+    def track(self, name: str, trackable) -> None:
+        setattr(self.checkpoint, name, trackable)
+
+    def save(self, step: int) -> str | None:
+        """Writes a checkpoint of `step`; returns its path (None off the chief or without a
+        model_dir)."""
+        if self._manager is None:
+            return None
+        if not self.is_chief:
+            scratch = tempfile.mkdtemp(prefix="mtl_worker_checkpoint_")
+            try:
+                tf.train.CheckpointManager(self.checkpoint, scratch, max_to_keep=1).save(
+                    checkpoint_number=step)
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+            return None
+        previous = self._manager.latest_checkpoint
+        try:
+            path = self._manager.save(checkpoint_number=step)
+            write_signature(self._manager.directory, self.signature)
+        except (tf.errors.OpError, OSError) as e:
+            raise CheckpointWriteError(
+                f"Could not write the checkpoint of step {step} to {self._manager.directory} "
+                f"({type(e).__name__}: {e}). The previous checkpoint {previous or '(none)'} is "
+                "intact.") from None
+        logging.info("Saved checkpoint %s", path)
+        return path
+
+    def restore(self) -> bool:
+        """Restores the newest readable checkpoint; False when there is none.
+
+        Every tensor of a checkpoint is read before anything is assigned, so a truncated or
+        corrupt newest checkpoint is detected: the previous one is used instead, with a warning.
+        A checkpoint of a different model (other tasks or variable shapes) is refused before
+        anything is loaded.
+        """
+        if self._manager is None or not self._manager.checkpoints:
+            return False
+        check_signature(self._manager.directory, self.signature)
+        problems = []
+        for path in reversed(self._manager.checkpoints):
+            try:
+                read_all(path)
+            except (tf.errors.OpError, ValueError, OSError, IndexError, RuntimeError) as e:
+                problems.append(f"{path}: {type(e).__name__}: {str(e).splitlines()[0]}")
+                logging.warning("Checkpoint %s is unreadable (%s); trying the previous one.",
+                                path, type(e).__name__)
+                continue
+            self.checkpoint.restore(path).expect_partial().assert_existing_objects_matched()
+            self.restored_path = path
+            if problems:
+                logging.warning("Resumed from %s because newer checkpoints are unreadable: %s",
+                                path, "; ".join(problems))
+            logging.info("Restored %s.", path)
+            return True
+        raise CheckpointReadError(
+            f"No readable checkpoint in {self._manager.directory}: " + "; ".join(problems)
+            + ". Move the folder away to start afresh.")
+
+    def restore_input(self, iterators) -> bool:
+        """Restores the saved input position into `iterators`; False when the checkpoint
+        holds none."""
+        if self.restored_path is None or not has_input(self.restored_path):
+            return False
+        tf.train.Checkpoint(input=iterators).restore(self.restored_path).expect_partial()
+        return True

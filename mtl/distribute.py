@@ -11,6 +11,7 @@ import json
 import os
 
 import tensorflow as tf
+from mtl.config import UsageError
 
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
 
@@ -18,7 +19,7 @@ STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
 def configure_cpu_replicas(num: int) -> list[str]:
     """Splits the CPU into `num` logical devices; must run before TensorFlow initialises."""
     if not isinstance(num, int) or num < 1:
-        raise ValueError(f"cpu_replicas must be an int >= 1; got {num!r}.")
+        raise UsageError(f"cpu_replicas must be an int >= 1; got {num!r}.")
     cpu = tf.config.list_physical_devices("CPU")[0]
     current = tf.config.get_logical_device_configuration(cpu)
     if current is not None and len(current) == num:
@@ -40,34 +41,34 @@ def parse_tf_config(text: str | None = None) -> dict:
     """Reads and checks `TF_CONFIG` (JSON with `cluster` and `task`), naming any bad field."""
     text = os.environ.get("TF_CONFIG", "") if text is None else text
     if not text:
-        raise ValueError("multi_worker needs the TF_CONFIG environment variable, e.g. "
+        raise UsageError("multi_worker needs the TF_CONFIG environment variable, e.g. "
                          '{"cluster": {"worker": ["host1:port", "host2:port"]}, '
                          '"task": {"type": "worker", "index": 0}}.')
     try:
         config = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"TF_CONFIG is not valid JSON ({e}); got {text!r}.") from None
+        raise UsageError(f"TF_CONFIG is not valid JSON ({e}); got {text!r}.") from None
     if not isinstance(config, dict):
-        raise ValueError(f"TF_CONFIG must be a JSON object; got {text!r}.")
+        raise UsageError(f"TF_CONFIG must be a JSON object; got {text!r}.")
     cluster = config.get("cluster")
     if not isinstance(cluster, dict) or not cluster:
-        raise ValueError(f"TF_CONFIG field 'cluster' must be a non-empty object of job name -> "
+        raise UsageError(f"TF_CONFIG field 'cluster' must be a non-empty object of job name -> "
                          f"list of 'host:port'; got {cluster!r}.")
     for job, addresses in cluster.items():
         if not isinstance(addresses, list) or not all(
                 isinstance(a, str) and ":" in a for a in addresses):
-            raise ValueError(f"TF_CONFIG field 'cluster.{job}' must be a list of 'host:port' "
+            raise UsageError(f"TF_CONFIG field 'cluster.{job}' must be a list of 'host:port' "
                              f"strings; got {addresses!r}.")
     task = config.get("task")
     if not isinstance(task, dict):
-        raise ValueError(f"TF_CONFIG field 'task' must be an object with 'type' and 'index'; "
+        raise UsageError(f"TF_CONFIG field 'task' must be an object with 'type' and 'index'; "
                          f"got {task!r}.")
     if task.get("type") not in cluster:
-        raise ValueError(f"TF_CONFIG field 'task.type' is {task.get('type')!r}; expected one of "
+        raise UsageError(f"TF_CONFIG field 'task.type' is {task.get('type')!r}; expected one of "
                          f"the cluster's jobs {sorted(cluster)}.")
     index = task.get("index")
     if not isinstance(index, int) or not 0 <= index < len(cluster[task["type"]]):
-        raise ValueError(f"TF_CONFIG field 'task.index' is {index!r}; expected an int in "
+        raise UsageError(f"TF_CONFIG field 'task.index' is {index!r}; expected an int in "
                          f"[0, {len(cluster[task['type']])}) for job {task['type']!r}.")
     return config
 
@@ -77,7 +78,7 @@ def get_strategy(name: str = "default", *, num_gpus: int | None = None,
                  ) -> tf.distribute.Strategy:
     """Builds the strategy called `name` (one of `STRATEGIES`)."""
     if name not in STRATEGIES:
-        raise ValueError(f"Unknown strategy {name!r}; expected one of {list(STRATEGIES)}.")
+        raise UsageError(f"Unknown strategy {name!r}; expected one of {list(STRATEGIES)}.")
     if name == "default":
         return tf.distribute.get_strategy()
     if name == "multi_worker":
@@ -99,13 +100,13 @@ def get_strategy(name: str = "default", *, num_gpus: int | None = None,
         gpus = tf.config.list_logical_devices("GPU")
         if num_gpus is not None:
             if num_gpus < 1 or num_gpus > len(gpus):
-                raise ValueError(f"num_gpus={num_gpus}, but this machine has {len(gpus)} GPU(s).")
+                raise UsageError(f"num_gpus={num_gpus}, but this machine has {len(gpus)} GPU(s).")
             gpus = gpus[:num_gpus]
         devices = [d.name for d in gpus]
     if name == "one_device":
         return tf.distribute.OneDeviceStrategy(devices[0] if devices else "/cpu:0")
     if not devices:
-        raise ValueError("strategy 'mirrored' found no GPU on this machine; run on a GPU "
+        raise UsageError("strategy 'mirrored' found no GPU on this machine; run on a GPU "
                          "machine, or set cpu_replicas=N (--cpu_replicas=N) to mirror over N "
                          "logical CPU devices.")
     # One MirroredStrategy per device set and process: a second one over the same devices

@@ -16,8 +16,8 @@ import tensorflow as tf
 from absl import logging
 
 from mtl import distribute, optimizers, progress
-from mtl.finetune import FineTuning
-from mtl.flags import Config
+from mtl import weighting as weighting_lib
+from mtl.config import Config, UsageError
 from mtl.tasks import Task
 from mtl.trainer import Trainer
 
@@ -59,7 +59,7 @@ def distributed_train_data(experiment: Experiment, config: Config, task_names,
         return experiment.train_data(dataclasses.replace(config, batch_size=micro_batch),
                                      task_names)
     if micro_batch % replicas:
-        raise ValueError(
+        raise UsageError(
             f"--batch_size={config.batch_size} (micro-batch {micro_batch} with "
             f"--grad_accum_steps={config.grad_accum_steps}) cannot be split evenly over "
             f"{replicas} replicas; use a micro-batch that is a multiple of {replicas}.")
@@ -82,7 +82,7 @@ def select_tasks(available: Sequence[Task], wanted: Sequence[str] | None) -> lis
     names = [t.name for t in available]
     for name in wanted:
         if name not in names:
-            raise ValueError(f"--tasks names {name!r}, which this experiment does not have; its "
+            raise UsageError(f"--tasks names {name!r}, which this experiment does not have; its "
                              f"tasks are {names}.")
     return [t for t in available if t.name in wanted]
 
@@ -113,24 +113,14 @@ def train_and_evaluate(experiment: Experiment, config: Config) -> dict:
             logging.info("Backbone initialised from %s.", config.init_backbone_from)
         trainer = Trainer(model, tasks, optimizer=optimizers.get(config.optimizer,
                                                                   config.learning_rate),
-                          weighting=config.weighting, model_dir=model_dir, strategy=strategy,
-                          steps_per_loop=config.steps_per_loop, log_every=config.log_every,
-                          checkpoint_every=config.checkpoint_every,
-                          max_to_keep=config.max_to_keep,
-                          grad_accum_steps=config.grad_accum_steps,
-                          jit_compile=config.jit_compile, on_nonfinite=config.on_nonfinite,
-                          gradient_mode=config.gradient_mode,
-                          checkpoint_input=config.checkpoint_input,
-                          diagnostics_every=config.diagnostics_every or None,
-                          fine_tuning=FineTuning(
-                              freeze_backbone=config.freeze_backbone,
-                              unfreeze_at_step=config.unfreeze_at_step,
-                              unfreeze_top_layers=config.unfreeze_top_layers,
-                              backbone_lr_multiplier=config.backbone_lr_multiplier))
+                          weighting=weighting_lib.get(config.weighting,
+                                                      **config.weighting_options),
+                          model_dir=model_dir, strategy=strategy,
+                          options=config.trainer_options())
     if trainer.is_chief:
         os.makedirs(model_dir, exist_ok=True)
         with open(os.path.join(model_dir, "config.json"), "w") as f:
-            json.dump({"experiment": experiment.name, **dataclasses.asdict(config)}, f, indent=2)
+            json.dump({"experiment": experiment.name, **config.to_json()}, f, indent=2)
     if trainer.global_step >= config.train_steps:
         logging.info("%s already holds a run at step %d >= --train_steps=%d: evaluating only. "
                      "Use a new --model_dir to train again.", model_dir, trainer.global_step,
@@ -162,7 +152,7 @@ def main(experiment: Experiment, argv: Sequence[str]) -> None:
     progress.quiet_library_info()
     try:
         config = flags.config_from_flags()
-    except ValueError as e:
+    except UsageError as e:
         _exit_with_error(e)
     from mtl import trainer as trainer_lib
 
@@ -176,10 +166,8 @@ def main(experiment: Experiment, argv: Sequence[str]) -> None:
     except (trainer_lib.NonFiniteError, trainer_lib.CheckpointReadError,
             trainer_lib.CheckpointWriteError) as e:
         _exit_with_error(e, status=1)
-    except (ValueError, TypeError) as e:
-        if _raised_before_training(e):
-            _exit_with_error(e)
-        raise
+    except UsageError as e:
+        _exit_with_error(e)
 
 
 def _exit_with_error(error: Exception, status: int = 2) -> None:
@@ -187,14 +175,6 @@ def _exit_with_error(error: Exception, status: int = 2) -> None:
 
     print(f"error: {error}", file=sys.stderr)
     sys.exit(status)
-
-
-def _raised_before_training(error: Exception) -> bool:
-    """True for the input errors mtl raises itself (their messages are meant for the user)."""
-    tb = error.__traceback__
-    while tb.tb_next is not None:
-        tb = tb.tb_next
-    return "/mtl/" in tb.tb_frame.f_code.co_filename.replace("\\", "/")
 
 
 def format_results_table(results: dict, step: int | None = None) -> str:

@@ -29,6 +29,7 @@ import numpy as np
 import tensorflow as tf
 
 from mtl import model as model_lib
+from mtl.config import UsageError, UsageTypeError
 
 JOINT = "joint"
 SERVING_DEFAULT = "serving_default"
@@ -42,7 +43,7 @@ def input_signature(model: keras.Model) -> list:
     single positional argument of the serving functions): a spec, or a dict of specs."""
     structure = model_lib.input_structure(model)
     if isinstance(structure, (list, tuple)):
-        raise ValueError(f"Model {model.name!r} takes a list of {len(structure)} inputs; export "
+        raise UsageError(f"Model {model.name!r} takes a list of {len(structure)} inputs; export "
                          "needs one input tensor or a dict of named inputs.")
 
     def spec(tensor, name):
@@ -57,16 +58,16 @@ def check_tasks(model: keras.Model, tasks: Sequence[str] | None) -> list[str]:
     """`tasks` (all of the model's when None), checked against the model's tasks."""
     available = list(getattr(model, "task_names", ()) or ())
     if not available:
-        raise TypeError(f"export needs an mtl.MultiTaskModel (outputs keyed by task); got "
+        raise UsageTypeError(f"export needs an mtl.MultiTaskModel (outputs keyed by task); got "
                         f"{type(model).__name__} {getattr(model, 'name', '')!r}.")
     if tasks is None:
         return available
     tasks = [tasks] if isinstance(tasks, str) else list(tasks)
     if not tasks:
-        raise ValueError(f"No task to export; the model's tasks are {available}.")
+        raise UsageError(f"No task to export; the model's tasks are {available}.")
     for task in tasks:
         if task not in available:
-            raise ValueError(f"Cannot export task {task!r}: the model has no such task; its "
+            raise UsageError(f"Cannot export task {task!r}: the model has no such task; its "
                              f"tasks are {available}.")
     return tasks
 
@@ -74,7 +75,7 @@ def check_tasks(model: keras.Model, tasks: Sequence[str] | None) -> list[str]:
 def _check_endpoint_names(tasks: Sequence[str]) -> None:
     for task in tasks:
         if task in _RESERVED or not task.isidentifier():
-            raise ValueError(
+            raise UsageError(
                 f"Task {task!r} cannot name an exported signature or folder (names must be "
                 f"Python identifiers other than {sorted(_RESERVED)}).")
 
@@ -174,17 +175,17 @@ def predict(loaded, inputs, signature: str = SERVING_DEFAULT) -> dict[str, np.nd
     `inputs`: an array (single-input models) or a dict {input name: array}.
     """
     if signature not in loaded.signatures:
-        raise ValueError(f"No signature {signature!r}; this SavedModel has "
+        raise UsageError(f"No signature {signature!r}; this SavedModel has "
                          f"{sorted(loaded.signatures)}.")
     function = loaded.signatures[signature]
     specs = function.structured_input_signature[1]
     if not isinstance(inputs, Mapping):
         if len(specs) != 1:
-            raise ValueError(f"Signature {signature!r} takes inputs {sorted(specs)}; pass a dict.")
+            raise UsageError(f"Signature {signature!r} takes inputs {sorted(specs)}; pass a dict.")
         inputs = {next(iter(specs)): inputs}
     missing = sorted(set(specs) - set(inputs))
     if missing:
-        raise ValueError(f"Signature {signature!r} needs inputs {sorted(specs)}; missing "
+        raise UsageError(f"Signature {signature!r} needs inputs {sorted(specs)}; missing "
                          f"{missing}.")
     feed = {name: tf.convert_to_tensor(np.asarray(inputs[name]), dtype=spec.dtype)
             for name, spec in specs.items()}

@@ -1,4 +1,4 @@
-"""Freezing and fine-tuning a shared backbone.
+"""Freezing and fine-tuning a shared backbone, and the optimizer groups they imply.
 
     fine_tuning = mtl.FineTuning(freeze_backbone=True, unfreeze_at_step=1000,
                                  unfreeze_top_layers=2, backbone_lr_multiplier=0.1)
@@ -7,39 +7,23 @@
 A frozen layer (`trainable = False`) runs in inference mode, so a frozen BatchNormalization keeps
 its moving statistics. At `unfreeze_at_step` the top `unfreeze_top_layers` layers of the backbone
 that have weights (all of them when None) become trainable; their optimizer slots exist from the
-start, so nothing is rebuilt but the compiled step. `backbone_lr_multiplier` gives the backbone's
-variables a learning rate that is that multiple of the heads' rate (a second optimizer of the same
-kind; a learning-rate schedule is scaled too).
+start, so nothing is rebuilt but the compiled step.
+
+Optimizer groups (`optimizer_groups`): the variables trainable from the start use the user's
+optimizer; with `backbone_lr_multiplier`, the backbone's variables use a second optimizer of the
+same kind with that multiple of the learning rate; variables unfrozen later use an optimizer of
+their own, fresh when they start training, so its state behaves as a new optimizer's would (Keras
+3 bias-corrects Adam's slots with the optimizer's single `iterations` counter: slots of a variable
+that starts training at step 2000 would be corrected as if it had trained from step 0, and its
+first steps would be 3-6x the learning rate). A learning-rate schedule is evaluated at the user's
+optimizer's step in every group, so all groups follow the same schedule.
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 import keras
 
-
-@dataclasses.dataclass(frozen=True)
-class FineTuning:
-    freeze_backbone: bool = False
-    unfreeze_at_step: int | None = None
-    unfreeze_top_layers: int | None = None
-    backbone_lr_multiplier: float = 1.0
-
-    def __post_init__(self):
-        if self.unfreeze_at_step is not None and (not isinstance(self.unfreeze_at_step, int)
-                                                  or self.unfreeze_at_step < 0):
-            raise ValueError(f"unfreeze_at_step must be an int >= 0; got "
-                             f"{self.unfreeze_at_step!r}.")
-        if self.unfreeze_top_layers is not None and (not isinstance(self.unfreeze_top_layers, int)
-                                                     or self.unfreeze_top_layers < 1):
-            raise ValueError(f"unfreeze_top_layers must be an int >= 1; got "
-                             f"{self.unfreeze_top_layers!r}.")
-        if self.unfreeze_at_step is not None and not self.freeze_backbone:
-            raise ValueError("unfreeze_at_step needs freeze_backbone=True (nothing is frozen).")
-        if not self.backbone_lr_multiplier > 0:
-            raise ValueError(f"backbone_lr_multiplier must be > 0; got "
-                             f"{self.backbone_lr_multiplier!r}.")
+from mtl.config import FineTuning, UsageError  # noqa: F401 (FineTuning: defined with the settings)
 
 
 def weighted_layers(backbone: keras.Model) -> list:
@@ -58,7 +42,7 @@ def layers_to_unfreeze(backbone: keras.Model, top: int | None) -> list:
     if top is None:
         return layers
     if top > len(layers):
-        raise ValueError(f"unfreeze_top_layers={top}, but the backbone {backbone.name!r} has only "
+        raise UsageError(f"unfreeze_top_layers={top}, but the backbone {backbone.name!r} has only "
                          f"{len(layers)} layers with weights.")
     return layers[-top:]
 
@@ -75,28 +59,56 @@ def trainable_weights_when_unfrozen(layers) -> list:
             layer.trainable = state
 
 
-class ScaledSchedule(keras.optimizers.schedules.LearningRateSchedule):
-    """`multiplier` times another learning-rate schedule."""
+class FollowingSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """`multiplier` times `schedule` at the step `counter` holds (the user's optimizer's
+    `iterations`), whatever step the optimizer using it passes."""
 
-    def __init__(self, schedule, multiplier: float):
+    def __init__(self, schedule, multiplier: float, counter):
         self.schedule = schedule
         self.multiplier = multiplier
+        self.counter = counter
 
     def __call__(self, step):
-        return self.schedule(step) * self.multiplier
+        del step  # This group's own counter: not the schedule's step.
+        return self.schedule(self.counter) * self.multiplier
 
     def get_config(self):
         return {"schedule": keras.optimizers.schedules.serialize(self.schedule),
                 "multiplier": self.multiplier}
 
 
-def scaled_optimizer(optimizer: keras.optimizers.Optimizer, multiplier: float):
-    """A new optimizer like `optimizer` with its learning rate times `multiplier`."""
+def group_optimizer(optimizer: keras.optimizers.Optimizer, multiplier: float, name: str):
+    """A new optimizer like `optimizer`, fresh state, learning rate times `multiplier` (a
+    schedule follows `optimizer`'s step)."""
     config = optimizer.get_config()
     rate = optimizer._learning_rate
     if isinstance(rate, keras.optimizers.schedules.LearningRateSchedule):
-        config["learning_rate"] = ScaledSchedule(rate, multiplier)
+        config["learning_rate"] = FollowingSchedule(rate, multiplier, optimizer.iterations)
     else:
         config["learning_rate"] = float(keras.ops.convert_to_numpy(rate)) * multiplier
-    config["name"] = f"{config.get('name', 'optimizer')}_backbone"
+    config["name"] = f"{config.get('name', 'optimizer')}_{name}"
     return type(optimizer).from_config(config)
+
+
+def optimizer_groups(optimizer, fine_tuning: FineTuning, *, backbone_ids, trainable_now,
+                     trainable_later) -> dict:
+    """`{name: (optimizer, variables)}`: "optimizer" (the user's) for the variables trainable now
+    (the backbone's only when its multiplier is 1), "backbone_optimizer" for the backbone's
+    trainable variables under a multiplier, "unfrozen_optimizer" for the variables unfrozen
+    later. Builds each optimizer on its variables (call under the strategy scope)."""
+    multiplier = fine_tuning.backbone_lr_multiplier
+    now_ids = {id(v) for v in trainable_now}
+    later = [v for v in trainable_later if id(v) not in now_ids]
+    scaled = multiplier != 1.0
+    main = [v for v in trainable_now if not (scaled and id(v) in backbone_ids)]
+    backbone = [v for v in trainable_now if scaled and id(v) in backbone_ids]
+    groups = {"optimizer": (optimizer, main)}
+    if backbone:
+        groups["backbone_optimizer"] = (group_optimizer(optimizer, multiplier, "backbone"),
+                                        backbone)
+    if later:
+        groups["unfrozen_optimizer"] = (group_optimizer(optimizer, multiplier, "unfrozen"),
+                                        later)
+    for group_optimizer_, variables in groups.values():
+        group_optimizer_.build(variables)
+    return groups

@@ -1,7 +1,8 @@
-"""The command-line flags shared by every experiment, and the typed config they become.
+"""The command-line flags shared by every experiment, mapped onto `mtl.config.Config`.
 
 This is the only module that defines or reads absl flags: experiment scripts call
-`define_flags()` at import and `config_from_flags()` in `main`, then pass the `Config` on.
+`define_flags()` at import and `config_from_flags()` in `main`, then pass the `Config` on. The
+rules and allowed values live in `mtl.config`; this module only maps flags to it.
 """
 
 from __future__ import annotations
@@ -12,96 +13,9 @@ from absl import flags
 
 from mtl import distribute, optimizers
 from mtl import weighting as weighting_lib
+from mtl.config import (GRADIENT_MODES, MIXED_PRECISION, ON_NONFINITE, Config,  # noqa: F401
+                        UsageError, parse_weighting_options)
 
-
-@dataclasses.dataclass(frozen=True)
-class Config:
-    """Everything an experiment run needs, typed and checked."""
-
-    model_dir: str | None = None
-    train_steps: int = 1500
-    batch_size: int = 64
-    eval_batch_size: int = 256
-    learning_rate: float = 1e-3
-    optimizer: str = "adam"
-    weighting: str = "equal"
-    tasks: tuple[str, ...] | None = None  # None: every task of the experiment.
-    eval_every: int = 500
-    eval_steps: int | None = None
-    checkpoint_every: int = 500
-    log_every: int = 100
-    steps_per_loop: int = 10
-    seed: int = 0
-    data_dir: str | None = None
-    backbone: str = "small_cnn"
-    strategy: str = "default"
-    num_gpus: int | None = None
-    cpu_replicas: int | None = None
-    tpu: str | None = None
-    grad_accum_steps: int = 1
-    jit_compile: bool = False
-    mixed_precision: str = "none"
-    on_nonfinite: str = "stop"
-    gradient_mode: str = "exact"
-    max_to_keep: int = 3
-    deterministic: bool = False
-    checkpoint_input: bool = True
-    diagnostics_every: int = 1000
-    init_backbone_from: str | None = None
-    freeze_backbone: bool = False
-    unfreeze_at_step: int | None = None
-    unfreeze_top_layers: int | None = None
-    backbone_lr_multiplier: float = 1.0
-
-    def __post_init__(self):
-        for name in ("train_steps", "seed", "diagnostics_every"):
-            _check_int(name, getattr(self, name), minimum=0)
-        for name in ("batch_size", "eval_batch_size", "eval_every", "checkpoint_every",
-                     "log_every", "steps_per_loop", "grad_accum_steps", "max_to_keep"):
-            _check_int(name, getattr(self, name), minimum=1)
-        for name in ("eval_steps", "num_gpus", "cpu_replicas"):
-            if getattr(self, name) is not None:
-                _check_int(name, getattr(self, name), minimum=1)
-        if not self.learning_rate > 0:
-            raise ValueError(f"--learning_rate must be > 0; got {self.learning_rate!r}.")
-        if self.optimizer not in optimizers.NAMES:
-            raise ValueError(f"--optimizer={self.optimizer!r} is unknown; expected one of "
-                             f"{list(optimizers.NAMES)}.")
-        if self.weighting not in weighting_lib.METHODS:
-            raise ValueError(f"--weighting={self.weighting!r} is unknown; expected one of "
-                             f"{sorted(weighting_lib.METHODS)}.")
-        if self.strategy not in distribute.STRATEGIES:
-            raise ValueError(f"--strategy={self.strategy!r} is unknown; expected one of "
-                             f"{list(distribute.STRATEGIES)}.")
-        if self.batch_size % self.grad_accum_steps:
-            raise ValueError(f"--batch_size={self.batch_size} is the batch of one update and "
-                             f"must split into --grad_accum_steps={self.grad_accum_steps} equal "
-                             "micro-batches; use a multiple of it.")
-        for name, allowed in (("mixed_precision", MIXED_PRECISION),
-                              ("on_nonfinite", ("stop", "skip")),
-                              ("gradient_mode", ("exact", "rep"))):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"--{name}={getattr(self, name)!r} is unknown; expected one of "
-                                 f"{list(allowed)}.")
-        if self.unfreeze_at_step is not None:
-            _check_int("unfreeze_at_step", self.unfreeze_at_step, minimum=0)
-            if not self.freeze_backbone:
-                raise ValueError("--unfreeze_at_step needs --freeze_backbone (nothing is frozen).")
-        if self.unfreeze_top_layers is not None:
-            _check_int("unfreeze_top_layers", self.unfreeze_top_layers, minimum=1)
-        if not self.backbone_lr_multiplier > 0:
-            raise ValueError(f"--backbone_lr_multiplier must be > 0; got "
-                             f"{self.backbone_lr_multiplier!r}.")
-        if self.tasks is not None and not self.tasks:
-            raise ValueError("--tasks is empty; name at least one task or leave it unset.")
-
-
-MIXED_PRECISION = ("none", "float16", "bfloat16")
-
-
-def _check_int(name, value, minimum):
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"--{name} must be an int >= {minimum}; got {value!r}.")
 
 
 _DEFAULTS = Config()
@@ -112,7 +26,7 @@ def define_flags(**defaults) -> None:
     values = {**dataclasses.asdict(_DEFAULTS), **defaults}
     unknown = sorted(set(defaults) - {f.name for f in dataclasses.fields(Config)})
     if unknown:
-        raise ValueError(f"define_flags: no flag {unknown[0]!r}.")
+        raise UsageError(f"define_flags: no flag {unknown[0]!r}.")
     if "train_steps" in flags.FLAGS:
         for name, value in defaults.items():
             flags.FLAGS.set_default(name, _flag_default(name, value))
@@ -128,6 +42,9 @@ def define_flags(**defaults) -> None:
     f.DEFINE_enum("optimizer", values["optimizer"], list(optimizers.NAMES), "Optimizer.")
     f.DEFINE_string("weighting", values["weighting"],
                     f"Task weighting method, one of {sorted(weighting_lib.METHODS)}.")
+    f.DEFINE_string("weighting_options", _options_text(values["weighting_options"]),
+                    "Options of the weighting method, as name=value pairs ('c=0.4,rescale=1') "
+                    "or a JSON object ('{\"c\": 0.4}'); see docs/weighting.md.")
     f.DEFINE_list("tasks", values["tasks"],
                   "Comma-separated subset of the experiment's tasks (e.g. one task for a "
                   "single-task baseline). Default: all.")
@@ -154,10 +71,10 @@ def define_flags(**defaults) -> None:
                   "Compile the forward and backward pass with XLA (a GPU knob: measure it).")
     f.DEFINE_enum("mixed_precision", values["mixed_precision"], list(MIXED_PRECISION),
                   "Mixed precision policy; float16 uses dynamic loss scaling.")
-    f.DEFINE_enum("on_nonfinite", values["on_nonfinite"], ["stop", "skip"],
+    f.DEFINE_enum("on_nonfinite", values["on_nonfinite"], list(ON_NONFINITE),
                   "On a NaN/inf loss or gradient: stop (naming the task and step) or skip "
                   "the update.")
-    f.DEFINE_enum("gradient_mode", values["gradient_mode"], ["exact", "rep"],
+    f.DEFINE_enum("gradient_mode", values["gradient_mode"], list(GRADIENT_MODES),
                   "For gradient-based weighting: per-task gradients of all shared variables "
                   "(exact) or of the shared representation (rep, cheaper).")
     f.DEFINE_integer("max_to_keep", values["max_to_keep"], "Checkpoints kept in model_dir.")
@@ -183,9 +100,17 @@ def define_flags(**defaults) -> None:
                   "otherwise a resumed run skips the batches already seen.")
 
 
+def _options_text(options: dict) -> str:
+    import json
+
+    return json.dumps(options) if options else ""
+
+
 def _flag_default(name, value):
     if name == "tasks" and value is not None:
         return ",".join(value)
+    if name == "weighting_options":
+        return _options_text(value)
     return value
 
 
@@ -197,5 +122,7 @@ def config_from_flags(flag_values=None) -> Config:
         value = fv[field.name].value
         if field.name == "tasks" and value is not None:
             value = tuple(v.strip() for v in value if v.strip())
+        if field.name == "weighting_options":
+            value = parse_weighting_options(value)
         kwargs[field.name] = value
     return Config(**kwargs)

@@ -10,12 +10,13 @@ from __future__ import annotations
 from typing import Sequence
 
 import keras
+from mtl.config import UsageError
 
 
 def _head(units: int, hidden: Sequence[int], dropout: float, name: str | None,
           kind: str) -> keras.Sequential:
     if int(units) < 1:
-        raise ValueError(f"{kind} head: the number of outputs must be >= 1; got {units!r}.")
+        raise UsageError(f"{kind} head: the number of outputs must be >= 1; got {units!r}.")
     layers = []
     for width in hidden:
         layers.append(keras.layers.Dense(width, activation="relu"))

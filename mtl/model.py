@@ -16,6 +16,7 @@ from typing import Mapping
 import keras
 import numpy as np
 import tensorflow as tf
+from mtl.config import UsageError, UsageTypeError
 
 
 def input_structure(model: keras.Model):
@@ -25,7 +26,7 @@ def input_structure(model: keras.Model):
     if structure is None:
         inputs = getattr(model, "inputs", None)
         if not inputs:
-            raise ValueError(
+            raise UsageError(
                 f"Model {model.name!r} has no defined inputs; build it with a keras.Input (a "
                 "Functional model, or a Sequential whose first layer is keras.Input(shape)).")
         structure = inputs[0] if len(inputs) == 1 else inputs
@@ -64,7 +65,7 @@ class MultiTaskModel(keras.Model):
             self._mtl = _Refs(backbone=None, heads=dict(heads), task_models=dict(heads))
             return
         if not isinstance(backbone, keras.Model):
-            raise TypeError(f"backbone must be a keras.Model (Functional); got {type(backbone)}.")
+            raise UsageTypeError(f"backbone must be a keras.Model (Functional); got {type(backbone)}.")
         heads = _check_heads(heads)
         inputs = _fresh_inputs(backbone)
         features = backbone(inputs)
@@ -84,14 +85,14 @@ class MultiTaskModel(keras.Model):
         specs = {}
         for task, model in models.items():
             if not isinstance(model, keras.Model):
-                raise TypeError(f"from_models: task {task!r} must map to a keras.Model; got "
+                raise UsageTypeError(f"from_models: task {task!r} must map to a keras.Model; got "
                                 f"{type(model).__name__}.")
             fresh = _fresh_inputs(model)
             specs[task] = tf.nest.map_structure(lambda t: (tuple(t.shape[1:]), t.dtype), fresh)
         first_task, first_spec = next(iter(specs.items()))
         for task, spec in specs.items():
             if spec != first_spec:
-                raise ValueError(
+                raise UsageError(
                     f"from_models: all models must take the same inputs; model {task!r} takes "
                     f"{spec} but model {first_task!r} takes {first_spec}.")
         inputs = _fresh_inputs(models[first_task])
@@ -121,11 +122,11 @@ class MultiTaskModel(keras.Model):
         with `mtl.FineTuning` or `layer.trainable = False`).
         """
         if self.backbone is None:
-            raise ValueError("add_heads needs a MultiTaskModel built from a backbone and heads.")
+            raise UsageError("add_heads needs a MultiTaskModel built from a backbone and heads.")
         heads = _check_heads(heads)
         clash = sorted(set(heads) & set(self.task_names))
         if clash:
-            raise ValueError(f"add_heads: task {clash[0]!r} already has a head; the model's "
+            raise UsageError(f"add_heads: task {clash[0]!r} already has a head; the model's "
                              f"tasks are {list(self.task_names)}.")
         return MultiTaskModel(self.backbone, {**self._mtl.heads, **heads}, name=name or self.name)
 
@@ -141,10 +142,10 @@ class MultiTaskModel(keras.Model):
 
 def _check_heads(heads, what="heads") -> dict:
     if not isinstance(heads, Mapping) or not heads:
-        raise ValueError(f"{what} must be a non-empty dict {{task_name: ...}}; got {heads!r}.")
+        raise UsageError(f"{what} must be a non-empty dict {{task_name: ...}}; got {heads!r}.")
     for task in heads:
         if not isinstance(task, str) or not task:
-            raise ValueError(f"{what}: keys must be non-empty task names (str); got {task!r}.")
+            raise UsageError(f"{what}: keys must be non-empty task names (str); got {task!r}.")
     return dict(heads)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import keras
+from mtl.config import UsageError
 
 _BUILDERS = {
     "sgd": lambda lr: keras.optimizers.SGD(lr),
@@ -18,7 +19,7 @@ NAMES = tuple(_BUILDERS)
 def get(name: str, learning_rate: float) -> keras.optimizers.Optimizer:
     """A new optimizer; create it under the strategy scope that will use it."""
     if name not in _BUILDERS:
-        raise ValueError(f"Unknown optimizer {name!r}; expected one of {list(NAMES)}.")
+        raise UsageError(f"Unknown optimizer {name!r}; expected one of {list(NAMES)}.")
     if not learning_rate > 0:
-        raise ValueError(f"learning_rate must be > 0; got {learning_rate!r}.")
+        raise UsageError(f"learning_rate must be > 0; got {learning_rate!r}.")
     return _BUILDERS[name](float(learning_rate))

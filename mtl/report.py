@@ -31,6 +31,7 @@ import re
 from typing import Mapping, Sequence
 
 import tensorflow as tf
+from mtl.config import UsageError
 
 LOWER_IS_BETTER = ("loss", "error", "mae", "mse", "rmse", "mape", "msle", "crossentropy",
                    "hinge", "distance")
@@ -49,7 +50,7 @@ def lower_is_better(metric: str, directions: Mapping[str, str] | None = None) ->
     if directions and metric in directions:
         direction = directions[metric]
         if direction not in ("lower", "higher"):
-            raise ValueError(f"Direction of {metric!r} must be 'lower' or 'higher'; got "
+            raise UsageError(f"Direction of {metric!r} must be 'lower' or 'higher'; got "
                              f"{direction!r}.")
         return direction == "lower"
     words = [w for w in re.split(r"[_/\-\s]+", metric.lower()) if w]
@@ -58,7 +59,7 @@ def lower_is_better(metric: str, directions: Mapping[str, str] | None = None) ->
         return True
     if any(w in HIGHER_IS_BETTER for w in words) or "io_u" in joined:
         return False
-    raise ValueError(
+    raise UsageError(
         f"Cannot tell whether lower or higher is better for metric {metric!r}: its name has none "
         f"of {list(LOWER_IS_BETTER)} (lower is better) or {list(HIGHER_IS_BETTER)} (higher is "
         "better). Pass directions={metric: 'lower' or 'higher'}.")
@@ -295,10 +296,10 @@ def write_report(mtl_dir: str, stl_dirs: Mapping[str, str], out_dir: str, *,
     stl_runs = {task: read_run(path, f"STL {task}") for task, path in stl_dirs.items()}
     for task, run in stl_runs.items():
         if task not in run.results:
-            raise ValueError(f"--stl={task}:{run.model_dir}: that run has no results for task "
+            raise UsageError(f"--stl={task}:{run.model_dir}: that run has no results for task "
                              f"{task!r}; its tasks are {list(run.results)}.")
         if task not in mtl_run.results:
-            raise ValueError(f"--stl names task {task!r}, which the MTL run {mtl_dir} does not "
+            raise UsageError(f"--stl names task {task!r}, which the MTL run {mtl_dir} does not "
                              f"have; its tasks are {list(mtl_run.results)}.")
     delta = delta_m(mtl_run.results, {t: r.results[t] for t, r in stl_runs.items()},
                     metrics=metrics, directions=directions)

@@ -23,7 +23,7 @@ import tensorflow as tf
 
 from mtl import transfer
 from mtl.experiment import Experiment, select_tasks
-from mtl.flags import Config
+from mtl.config import Config, UsageError
 
 EXPERIMENTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                "experiments")
@@ -50,7 +50,7 @@ def read_config(model_dir: str) -> tuple[str, Config]:
         saved = json.load(f)
     name = saved.pop("experiment", None)
     if not name:
-        raise ValueError(f"{path} does not say which experiment wrote it (no 'experiment' key).")
+        raise UsageError(f"{path} does not say which experiment wrote it (no 'experiment' key).")
     return name, config_from_dict(saved)
 
 
@@ -84,7 +84,7 @@ def load_experiment(name: str, experiments_dir: str | None = None) -> Experiment
             raise
     experiment = getattr(sys.modules[module_name], "EXPERIMENT", None)
     if not isinstance(experiment, Experiment):
-        raise ValueError(f"{path} defines no EXPERIMENT (an mtl.experiment.Experiment).")
+        raise UsageError(f"{path} defines no EXPERIMENT (an mtl.experiment.Experiment).")
     return experiment
 
 
@@ -134,7 +134,7 @@ def read_results(model_dir: str) -> dict:
     with tf.io.gfile.GFile(path) as f:
         results = json.load(f)
     if not isinstance(results.get("results"), dict):
-        raise ValueError(f"{path} has no 'results' dict {{task: {{metric: value}}}}.")
+        raise UsageError(f"{path} has no 'results' dict {{task: {{metric: value}}}}.")
     return results
 
 

@@ -37,31 +37,30 @@ from mtl.gradient_sources import BAD_GRAD, NUM_EXTRA_STATS, REG, all_finite, fla
 from mtl.task_losses import (compute_task_losses, local_normalisers, task_label_and_weight,  # noqa: F401
                              unpack_batch, update_metrics)
 from mtl.tasks import Task
-from mtl.update_policy import LossScale, UpdatePolicy  # noqa: F401 (LossScale: API)
+from mtl.config import TrainerOptions
+from mtl.update_policy import LossScale, UpdatePolicy
 
 
 class OptimizerApply:
-    """Applies one update's gradients (replica context): one optimizer, or the backbone's own
-    optimizer for the backbone's variables and the main one for the rest."""
+    """Applies one update's gradients (replica context), one `apply_gradients` per optimizer
+    group (`mtl.finetune.optimizer_groups`): each variable goes to the optimizer of its group;
+    the user's optimizer ("optimizer") is applied last, after the groups whose learning-rate
+    schedule follows its step."""
 
-    def __init__(self, optimizer, backbone_optimizer=None, backbone_ids=frozenset()):
-        self.optimizer = optimizer
-        self.backbone_optimizer = backbone_optimizer
-        self.backbone_ids = set(backbone_ids)
+    def __init__(self, groups: dict):
+        self.groups = [(optimizer, {id(v) for v in variables})
+                       for name, (optimizer, variables) in groups.items() if name != "optimizer"]
+        self.groups.append((groups["optimizer"][0], None))  # None: every other variable
 
     def __call__(self, pairs) -> None:
         # tf.identity: every gradient a tensor of this graph (some are captured from outside
         # the cond that decides whether to apply), as Keras's all-reduce requires.
-        pairs = [(tf.identity(g), v) for g, v in pairs]
-        if self.backbone_optimizer is None:
-            self.optimizer.apply_gradients(pairs)
-            return
-        backbone = [(g, v) for g, v in pairs if id(v) in self.backbone_ids]
-        rest = [(g, v) for g, v in pairs if id(v) not in self.backbone_ids]
-        if backbone:
-            self.backbone_optimizer.apply_gradients(backbone)
-        if rest:
-            self.optimizer.apply_gradients(rest)
+        remaining = [(tf.identity(g), v) for g, v in pairs]
+        for optimizer, ids in self.groups:
+            mine = remaining if ids is None else [(g, v) for g, v in remaining if id(v) in ids]
+            remaining = [] if ids is None else [(g, v) for g, v in remaining if id(v) not in ids]
+            if mine:
+                optimizer.apply_gradients(mine)
 
 
 def layer_state(model: keras.Model) -> list:
@@ -92,13 +91,11 @@ class TrainStep:
     """
 
     def __init__(self, *, model: keras.Model, tasks: Sequence[Task], weighting,
-                 optimizer: keras.optimizers.Optimizer, strategy: tf.distribute.Strategy,
-                 variables: Sequence[tf.Variable], train_metrics: dict, eval_metrics: dict,
-                 eval_losses: dict, step: tf.Variable, shared_variables=(),
-                 grad_accum_steps: int = 1, jit_compile: bool = False,
-                 loss_scale: LossScale | None = None, on_nonfinite: str = "stop",
-                 skipped_steps: tf.Variable | None = None, gradient_mode: str = "exact",
-                 backbone_optimizer=None, backbone_ids=frozenset()):
+                 strategy: tf.distribute.Strategy, options: TrainerOptions,
+                 optimizer_groups: dict, variables: Sequence[tf.Variable],
+                 shared_variables=(), train_metrics: dict, eval_metrics: dict,
+                 eval_losses: dict, step: tf.Variable, skipped_steps: tf.Variable,
+                 loss_scale: LossScale | None = None):
         self.model = model
         self.tasks = tuple(tasks)
         self.weighting = weighting
@@ -108,7 +105,7 @@ class TrainStep:
         self.eval_losses = eval_losses
         self.step = step
         self.skipped_steps = skipped_steps
-        self.micro_batches = grad_accum_steps
+        self.micro_batches = options.grad_accum_steps
         self.task_weights = tf.constant([t.weight for t in self.tasks], tf.float32)
         variables = list(variables)
         method_ids = {id(v) for v in weighting.trainable_variables}
@@ -116,17 +113,17 @@ class TrainStep:
         variable_ids = {id(v) for v in variables}
         self.shared_variables = [v for v in shared_variables if id(v) in variable_ids]
         self.source = gradient_sources.gradient_source(
-            method=weighting, gradient_mode=gradient_mode,
+            method=weighting, gradient_mode=options.gradient_mode,
             forward_for=lambda need_features: gradient_sources.Forward(
                 model, self.tasks, need_features=need_features),
             tasks=self.tasks, strategy=strategy, model_variables=model_variables,
-            shared_variables=self.shared_variables, micro_batches=grad_accum_steps)
-        if jit_compile:
+            shared_variables=self.shared_variables, micro_batches=self.micro_batches)
+        if options.jit_compile:
             # Forward and backward only: XLA cannot compile the cross-replica parts (PITFALLS).
             self.source._replica_pass = tf.function(self.source._replica_pass,
                                                     jit_compile=True)
-        self.policy = UpdatePolicy(on_nonfinite, loss_scale)
-        self.apply_gradients = OptimizerApply(optimizer, backbone_optimizer, backbone_ids)
+        self.policy = UpdatePolicy(options.on_nonfinite, loss_scale)
+        self.apply_gradients = OptimizerApply(optimizer_groups)
         # What a dropped update must leave as it was.
         self.method_state = list(weighting.non_trainable_variables)
         self.layer_state = layer_state(model)
@@ -193,8 +190,7 @@ class TrainStep:
                 self._apply(update)
             else:
                 self._drop(saved_method_state)
-                if self.skipped_steps is not None:
-                    self.skipped_steps.assign_add(1)
+                self.skipped_steps.assign_add(1)
             self.policy.after(verdict)
             self.step.assign_add(1)
             steps_run += 1

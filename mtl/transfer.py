@@ -30,6 +30,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 from tensorflow.core.protobuf import trackable_object_graph_pb2
+from mtl.config import UsageError, UsageTypeError
 
 WEIGHTS_FILE_SUFFIXES = (".weights.h5", ".keras", ".h5", ".hdf5")
 
@@ -188,20 +189,20 @@ def _locate_backbone(backbone: keras.Model, graph: _SavedGraph, checkpoint: str)
             best, best_rank = (path if all_found else None, pairs), rank
     name = backbone.name
     if best is None:
-        raise ValueError(
+        raise UsageError(
             f"Cannot restore backbone {name!r} from {checkpoint}: the checkpoint holds no "
             "variables at all where a model would be. Nothing was restored.")
     path, pairs = best
     pairs = _weights_in_order(backbone, pairs)
     if path is not None:  # Every variable is there, some with another shape.
         first = next(p for p in pairs if p.saved_shape != tuple(p.variable.shape))
-        raise ValueError(
+        raise UsageError(
             f"Cannot restore backbone {name!r} from {checkpoint}: variable "
             f"{_variable_name(first.variable)} has shape {tuple(first.variable.shape)} here but "
             f"{first.saved_shape} in the checkpoint (at {first.object_path}). Nothing was "
             "restored; build the backbone with the source run's configuration.")
     first = next(p for p in pairs if p.key is None or p.saved_shape != tuple(p.variable.shape))
-    raise ValueError(
+    raise UsageError(
         f"Cannot restore backbone {name!r} from {checkpoint}: no part of the saved model has the "
         f"backbone's structure (closest match: variable {_variable_name(first.variable)} of shape "
         f"{tuple(first.variable.shape)} has "
@@ -224,7 +225,7 @@ def _stand_in(path: tuple, leaf) -> dict:
             setattr(module, name, obj)
             obj = module
     if isinstance(obj, list):
-        raise ValueError(f"Unexpected checkpoint layout: a list at {path[0]!r}.")
+        raise UsageError(f"Unexpected checkpoint layout: a list at {path[0]!r}.")
     return {path[0]: obj}
 
 
@@ -238,10 +239,10 @@ def restore_backbone(backbone: keras.Model, source: str) -> str:
     variable whose shape differs.
     """
     if not isinstance(backbone, keras.Model):
-        raise TypeError(f"restore_backbone: backbone must be a keras.Model; got "
+        raise UsageTypeError(f"restore_backbone: backbone must be a keras.Model; got "
                         f"{type(backbone).__name__}.")
     if not backbone.weights:
-        raise ValueError(f"restore_backbone: backbone {backbone.name!r} has no variables; build "
+        raise UsageError(f"restore_backbone: backbone {backbone.name!r} has no variables; build "
                          "it (call it on an input) first.")
     checkpoint = resolve_checkpoint(source)
     graph = _SavedGraph(checkpoint)
@@ -280,7 +281,7 @@ def load_backbone_weights(backbone: keras.Model, path: str) -> str:
     if not tf.io.gfile.exists(path):
         raise SourceNotFoundError(f"load_backbone_weights: {path!r} does not exist.")
     if not _is_weights_file(path):
-        raise ValueError(f"load_backbone_weights: {path!r} is not a Keras weights or model file; "
+        raise UsageError(f"load_backbone_weights: {path!r} is not a Keras weights or model file; "
                          f"expected one of {list(WEIGHTS_FILE_SUFFIXES)}.")
     before = [v.numpy() for v in backbone.weights]
     errors = []
@@ -299,7 +300,7 @@ def load_backbone_weights(backbone: keras.Model, path: str) -> str:
             continue
         logging.info("Loaded weights of backbone %r from %s.", backbone.name, path)
         return path
-    raise ValueError(
+    raise UsageError(
         f"Cannot load {path} into backbone {backbone.name!r}: " + "; ".join(errors)
         + ". The backbone was left unchanged; the file must come from a model with the "
         "backbone's architecture.")

@@ -21,7 +21,7 @@ import dataclasses
 
 import tensorflow as tf
 
-ON_NONFINITE = ("stop", "skip")
+from mtl.config import ON_NONFINITE, check_choice
 
 
 class LossScale(tf.Module):
@@ -62,9 +62,7 @@ class UpdatePolicy:
     """Judges each update from its losses' and gradients' finiteness."""
 
     def __init__(self, on_nonfinite: str, loss_scale: LossScale | None):
-        if on_nonfinite not in ON_NONFINITE:
-            raise ValueError(f"on_nonfinite must be one of {list(ON_NONFINITE)}; got "
-                             f"{on_nonfinite!r}.")
+        check_choice("on_nonfinite", on_nonfinite, ON_NONFINITE)
         self.on_nonfinite = on_nonfinite
         self.loss_scale = loss_scale
 

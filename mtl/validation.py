@@ -7,20 +7,21 @@ from typing import Sequence
 import tensorflow as tf
 
 from mtl.tasks import Task
+from mtl.config import UsageError
 
 
 def check_tasks_match_heads(tasks: Sequence[Task], task_names: Sequence[str]) -> None:
     names = [t.name for t in tasks]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        raise ValueError(f"Task {duplicates[0]!r} is given more than once; task names: {names}.")
+        raise UsageError(f"Task {duplicates[0]!r} is given more than once; task names: {names}.")
     for name in names:
         if name not in task_names:
-            raise ValueError(f"Task {name!r} has no matching head; the model's heads are "
+            raise UsageError(f"Task {name!r} has no matching head; the model's heads are "
                              f"{list(task_names)}.")
     for name in task_names:
         if name not in names:
-            raise ValueError(f"The model's head {name!r} has no matching mtl.Task; the tasks "
+            raise UsageError(f"The model's head {name!r} has no matching mtl.Task; the tasks "
                              f"given are {names}. Give a Task for every head (or build the model "
                              "with only the heads you train).")
 
@@ -32,33 +33,33 @@ def _shape(spec) -> tf.TensorShape:
 def check_data(element_spec, tasks: Sequence[Task], model, where: str = "data") -> None:
     """Checks a dataset's element spec against the tasks and the model's inputs and outputs."""
     if not isinstance(element_spec, tuple) or len(element_spec) not in (2, 3):
-        raise ValueError(
+        raise UsageError(
             f"{where}: elements must be (features, labels) or (features, labels, sample_weights) "
             f"with labels a dict {{task: label}}; got elements of structure {element_spec}.")
     features, labels = element_spec[0], element_spec[1]
     weights = element_spec[2] if len(element_spec) == 3 else {}
     if not isinstance(labels, dict):
-        raise ValueError(f"{where}: labels must be a dict {{label_key: tensor}}; got {labels}.")
+        raise UsageError(f"{where}: labels must be a dict {{label_key: tensor}}; got {labels}.")
     if not isinstance(weights, dict):
-        raise ValueError(f"{where}: sample_weights must be a dict {{task_name: float [batch]}}; "
+        raise UsageError(f"{where}: sample_weights must be a dict {{task_name: float [batch]}}; "
                          f"got {weights}.")
     _check_features(features, model, where)
     outputs = model.output
     task_names = [t.name for t in tasks]
     for key in weights:
         if key not in task_names:
-            raise ValueError(f"{where}: sample_weights has key {key!r}, which is not a task; "
+            raise UsageError(f"{where}: sample_weights has key {key!r}, which is not a task; "
                              f"the tasks are {task_names}.")
     for task in tasks:
         if task.label_key not in labels:
-            raise ValueError(f"{where}: task {task.name!r} reads label key {task.label_key!r}, "
+            raise UsageError(f"{where}: task {task.name!r} reads label key {task.label_key!r}, "
                              f"but the data's labels have keys {sorted(labels)}.")
         _check_label(task, labels[task.label_key], outputs[task.name].shape, where)
         if task.name in weights:
             shape = _shape(weights[task.name])
             if shape.rank is not None and (shape.rank > 2 or (
                     shape.rank == 2 and shape[1] not in (None, 1))):
-                raise ValueError(f"{where}: the sample weight of task {task.name!r} has shape "
+                raise UsageError(f"{where}: the sample weight of task {task.name!r} has shape "
                                  f"{shape}; expected one weight per example, [batch].")
 
 
@@ -69,12 +70,12 @@ def _check_features(features, model, where: str) -> None:
     try:
         tf.nest.assert_same_structure(features, expected, check_types=False)
     except (ValueError, TypeError):
-        raise ValueError(f"{where}: features have structure {features}, but the model takes "
+        raise UsageError(f"{where}: features have structure {features}, but the model takes "
                          f"{tf.nest.map_structure(lambda t: t.shape, expected)}.") from None
     for spec, inp in zip(tf.nest.flatten(features), tf.nest.flatten(expected)):
         got, want = _shape(spec), tf.TensorShape(inp.shape)
         if not got[1:].is_compatible_with(want[1:]):
-            raise ValueError(f"{where}: features of shape {got} do not fit the model's input "
+            raise UsageError(f"{where}: features of shape {got} do not fit the model's input "
                              f"of shape {want} (batch axis first).")
 
 
@@ -86,10 +87,10 @@ def _check_label(task: Task, spec, output_shape, where: str) -> None:
     if task.sparse_labels:
         ok = label[1:].as_list() in ([], [1]) and (spec.dtype.is_integer or spec.dtype.is_floating)
         if not spec.dtype.is_integer:
-            raise ValueError(f"{where}: task {task.name!r} uses a sparse loss, which takes integer "
+            raise UsageError(f"{where}: task {task.name!r} uses a sparse loss, which takes integer "
                              f"class ids; its label {task.label_key!r} has dtype {spec.dtype.name}.")
         if not ok:
-            raise ValueError(
+            raise UsageError(
                 f"{where}: task {task.name!r}: label {task.label_key!r} has shape {label}, but a "
                 f"sparse loss on a head of output shape {output} takes integer class ids of shape "
                 "(batch,) or (batch, 1).")
@@ -97,7 +98,7 @@ def _check_label(task: Task, spec, output_shape, where: str) -> None:
     comparable = label if label.rank == output.rank else (
         label.concatenate([1]) if label.rank == output.rank - 1 else None)
     if comparable is None or not comparable[1:].is_compatible_with(output[1:]):
-        raise ValueError(
+        raise UsageError(
             f"{where}: task {task.name!r}: label {task.label_key!r} of shape {label} does not fit "
             f"its head's output of shape {output}; expected a label of shape "
             f"{output} (or {output[:-1]} when the head has one output unit).")

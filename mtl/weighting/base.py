@@ -28,6 +28,7 @@ import numbers
 from typing import Sequence
 
 import tensorflow as tf
+from mtl.config import UsageError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +49,7 @@ class StepContext:
 def check_option(ok: bool, method: str, option: str, value, expected: str) -> None:
     """Raises a ValueError naming the option, the value given and what was expected."""
     if not ok:
-        raise ValueError(f"Weighting method {method!r}: option {option}={value!r} is invalid; "
+        raise UsageError(f"Weighting method {method!r}: option {option}={value!r} is invalid; "
                          f"expected {expected}.")
 
 
@@ -214,7 +215,7 @@ class GradientWeighting(Weighting):
 
     def _losses(self, context: StepContext | None) -> tf.Tensor:
         if context is None:
-            raise ValueError(f"Weighting method {self.name!r} needs the task losses: call it "
+            raise UsageError(f"Weighting method {self.name!r} needs the task losses: call it "
                              "with context=StepContext(global_losses=...).")
         return tf.stop_gradient(tf.convert_to_tensor(context.global_losses, tf.float32))
 

@@ -1,0 +1,301 @@
+"""Validated settings: the trainer's options and an experiment run's config, each rule checked
+once, the allowed values defined once (the flags' help and enums reuse them).
+
+    options = mtl.TrainerOptions(grad_accum_steps=2, on_nonfinite="skip")
+    trainer = mtl.Trainer(model, tasks, optimizer=..., options=options)
+    # or, as keyword arguments: mtl.Trainer(model, tasks, optimizer=..., grad_accum_steps=2)
+
+`Config` is what an experiment script runs (`mtl/flags.py` maps the command line onto it); its
+`trainer_options()` are the `TrainerOptions` it implies. Reading a run's `config.json` needs
+this module only, not absl.
+
+Everything here raises `UsageError` (a `ValueError`) naming the setting, the value given and
+what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+ON_NONFINITE = ("stop", "skip")
+GRADIENT_MODES = ("exact", "rep")
+MIXED_PRECISION = ("none", "float16", "bfloat16")
+
+
+class UsageError(ValueError):
+    """Something that is the user's to fix (a setting, a name, data that does not fit).
+
+    Experiment scripts print it as `error: ...` and exit with status 2; nothing saved is
+    touched. Anything else keeps its traceback.
+    """
+
+
+class UsageTypeError(UsageError, TypeError):
+    """A `UsageError` about a value of the wrong type (also a `TypeError`)."""
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_int(name: str, value, minimum: int, *, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if not _is_int(value) or value < minimum:
+        allowed = f"None or an int >= {minimum}" if optional else f"an int >= {minimum}"
+        raise UsageError(f"{name} must be {allowed}; got {value!r}.")
+
+
+def check_choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise UsageError(f"{name} must be one of {list(allowed)}; got {value!r}.")
+
+
+def check_positive(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise UsageError(f"{name} must be > 0; got {value!r}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class FineTuning:
+    """Freezing and fine-tuning a shared backbone (see `mtl.finetune`).
+
+    Attributes:
+      freeze_backbone: keep the backbone fixed; it runs in inference mode.
+      unfreeze_at_step: with `freeze_backbone`, the global step at which backbone layers become
+        trainable (they get a fresh optimizer state: Adam's bias correction counts from their
+        first update).
+      unfreeze_top_layers: how many of the backbone's top layers with weights to unfreeze
+        (None: all).
+      backbone_lr_multiplier: the backbone's learning rate as a multiple of the heads' (a
+        schedule is scaled and follows the heads' step).
+    """
+
+    freeze_backbone: bool = False
+    unfreeze_at_step: int | None = None
+    unfreeze_top_layers: int | None = None
+    backbone_lr_multiplier: float = 1.0
+
+    def __post_init__(self):
+        check_int("unfreeze_at_step", self.unfreeze_at_step, 0, optional=True)
+        check_int("unfreeze_top_layers", self.unfreeze_top_layers, 1, optional=True)
+        if self.unfreeze_at_step is not None and not self.freeze_backbone:
+            raise UsageError("unfreeze_at_step needs freeze_backbone=True (nothing is frozen).")
+        check_positive("backbone_lr_multiplier", self.backbone_lr_multiplier)
+
+    @property
+    def active(self) -> bool:
+        return self.freeze_backbone or self.backbone_lr_multiplier != 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainerOptions:
+    """How `mtl.Trainer` trains (everything but the model, tasks, optimizer and method).
+
+    Attributes:
+      steps_per_loop: train steps inside one compiled call.
+      log_every: steps between train summaries / history records.
+      checkpoint_every: steps between checkpoints (None: only at the end of `fit`).
+      max_to_keep: checkpoints kept in `model_dir`.
+      grad_accum_steps: micro-batches per update (K).
+      jit_compile: XLA for the forward and backward pass.
+      on_nonfinite: "stop" or "skip" on a non-finite loss or gradient.
+      gradient_mode: "exact" or "rep", for gradient-based weighting methods.
+      checkpoint_input: save the input pipeline's position (one replica).
+      diagnostics_every: steps between task-gradient diagnostics (None: off).
+      fine_tuning: freezing, scheduled unfreezing, backbone learning-rate multiplier.
+    """
+
+    steps_per_loop: int = 10
+    log_every: int = 100
+    checkpoint_every: int | None = 1000
+    max_to_keep: int = 3
+    grad_accum_steps: int = 1
+    jit_compile: bool = False
+    on_nonfinite: str = "stop"
+    gradient_mode: str = "exact"
+    checkpoint_input: bool = True
+    diagnostics_every: int | None = None
+    fine_tuning: FineTuning = FineTuning()
+
+    def __post_init__(self):
+        for name in ("steps_per_loop", "log_every", "grad_accum_steps", "max_to_keep"):
+            check_int(name, getattr(self, name), 1)
+        for name in ("checkpoint_every", "diagnostics_every"):
+            check_int(name, getattr(self, name), 1, optional=True)
+        check_choice("on_nonfinite", self.on_nonfinite, ON_NONFINITE)
+        check_choice("gradient_mode", self.gradient_mode, GRADIENT_MODES)
+        if not isinstance(self.fine_tuning, FineTuning):
+            raise UsageError(f"fine_tuning must be a mtl.FineTuning; got {self.fine_tuning!r}.")
+
+    @classmethod
+    def of(cls, options: "TrainerOptions | None" = None, **settings) -> "TrainerOptions":
+        """`options` with `settings` (TrainerOptions fields) replaced; unknown names refused."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(settings) - set(names))
+        if unknown:
+            raise UsageError(f"Trainer takes no setting {unknown[0]!r}; its settings are "
+                             f"{names}.")
+        return dataclasses.replace(options or cls(), **settings)
+
+
+def parse_weighting_options(text: str | None) -> dict[str, Any]:
+    """`--weighting_options`: `"c=0.4,rescale=1"` or a JSON object -> a dict.
+
+    Values are read as JSON where they parse (numbers, true/false, lists, quoted strings),
+    otherwise kept as strings: `normalization=loss+` -> {"normalization": "loss+"}.
+    """
+    text = (text or "").strip()
+    if not text:
+        return {}
+    if text.startswith("{"):
+        try:
+            options = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"--weighting_options={text!r} is not a valid JSON object ({e}); "
+                             "expected e.g. '{\"c\": 0.4}' or 'c=0.4,rescale=1'.") from None
+        if not isinstance(options, dict):
+            raise UsageError(f"--weighting_options={text!r} must be a JSON object.")
+        return options
+    options = {}
+    for item in _split_top_level(text):
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise UsageError(f"--weighting_options={text!r}: {item!r} is not name=value; "
+                             "expected e.g. 'c=0.4,rescale=1' or a JSON object.")
+        value = value.strip()
+        try:
+            options[name.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            options[name.strip()] = value
+    return options
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Splits on commas outside brackets: 'min_losses=[0,1],gamma=0' -> 2 items."""
+    items, depth, current = [], 0, ""
+    for char in text:
+        depth += char in "[{"
+        depth -= char in "]}"
+        if char == "," and depth == 0:
+            items.append(current)
+            current = ""
+        else:
+            current += char
+    items.append(current)
+    return [i for i in items if i.strip()]
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything an experiment run needs, typed and checked (the command line's flags)."""
+
+    model_dir: str | None = None
+    train_steps: int = 1500
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    learning_rate: float = 1e-3
+    optimizer: str = "adam"
+    weighting: str = "equal"
+    weighting_options: dict = dataclasses.field(default_factory=dict)
+    tasks: tuple[str, ...] | None = None  # None: every task of the experiment.
+    eval_every: int = 500
+    eval_steps: int | None = None
+    checkpoint_every: int = 500
+    log_every: int = 100
+    steps_per_loop: int = 10
+    seed: int = 0
+    data_dir: str | None = None
+    backbone: str = "small_cnn"
+    strategy: str = "default"
+    num_gpus: int | None = None
+    cpu_replicas: int | None = None
+    tpu: str | None = None
+    grad_accum_steps: int = 1
+    jit_compile: bool = False
+    mixed_precision: str = "none"
+    on_nonfinite: str = "stop"
+    gradient_mode: str = "exact"
+    max_to_keep: int = 3
+    deterministic: bool = False
+    checkpoint_input: bool = True
+    diagnostics_every: int = 1000
+    init_backbone_from: str | None = None
+    freeze_backbone: bool = False
+    unfreeze_at_step: int | None = None
+    unfreeze_top_layers: int | None = None
+    backbone_lr_multiplier: float = 1.0
+
+    def __post_init__(self):
+        from mtl import distribute, optimizers
+        from mtl import weighting as weighting_lib
+
+        def flag(error: UsageError) -> UsageError:
+            return UsageError(f"--{error}")
+
+        try:
+            self.trainer_options()  # The trainer's rules, checked where they live.
+            for name in ("train_steps", "seed", "diagnostics_every"):
+                check_int(name, getattr(self, name), 0)
+            for name in ("batch_size", "eval_batch_size", "eval_every"):
+                check_int(name, getattr(self, name), 1)
+            for name in ("eval_steps", "num_gpus", "cpu_replicas"):
+                check_int(name, getattr(self, name), 1, optional=True)
+            check_positive("learning_rate", self.learning_rate)
+        except UsageError as e:
+            raise flag(e) from None
+        for name, allowed in (("optimizer", optimizers.NAMES),
+                              ("weighting", sorted(weighting_lib.METHODS)),
+                              ("strategy", distribute.STRATEGIES),
+                              ("mixed_precision", MIXED_PRECISION)):
+            if getattr(self, name) not in allowed:
+                raise UsageError(f"--{name}={getattr(self, name)!r} is unknown; expected one of "
+                                 f"{list(allowed)}.")
+        if self.batch_size % self.grad_accum_steps:
+            raise UsageError(f"--batch_size={self.batch_size} is the batch of one update and "
+                             f"must split into --grad_accum_steps={self.grad_accum_steps} equal "
+                             "micro-batches; use a multiple of it.")
+        if self.tasks is not None and not self.tasks:
+            raise UsageError("--tasks is empty; name at least one task or leave it unset.")
+        if not isinstance(self.weighting_options, dict):
+            raise UsageError(f"--weighting_options must be a dict; got "
+                             f"{self.weighting_options!r}.")
+        try:  # The method's own checks of its options.
+            weighting_lib.get(self.weighting, **self.weighting_options)
+        except ValueError as e:
+            raise UsageError(f"--weighting_options: {e}") from None
+        if self.cpu_replicas is not None and self.strategy not in ("mirrored", "one_device"):
+            raise UsageError(f"--cpu_replicas={self.cpu_replicas} needs --strategy=mirrored; "
+                             f"got --strategy={self.strategy!r}.")
+        if self.unfreeze_at_step is not None and self.unfreeze_at_step >= self.train_steps:
+            raise UsageError(f"--unfreeze_at_step={self.unfreeze_at_step} is not before "
+                             f"--train_steps={self.train_steps}: nothing would be unfrozen.")
+
+    def fine_tuning(self) -> FineTuning:
+        return FineTuning(freeze_backbone=self.freeze_backbone,
+                          unfreeze_at_step=self.unfreeze_at_step,
+                          unfreeze_top_layers=self.unfreeze_top_layers,
+                          backbone_lr_multiplier=self.backbone_lr_multiplier)
+
+    def trainer_options(self) -> TrainerOptions:
+        return TrainerOptions(
+            steps_per_loop=self.steps_per_loop, log_every=self.log_every,
+            checkpoint_every=self.checkpoint_every, max_to_keep=self.max_to_keep,
+            grad_accum_steps=self.grad_accum_steps, jit_compile=self.jit_compile,
+            on_nonfinite=self.on_nonfinite, gradient_mode=self.gradient_mode,
+            checkpoint_input=self.checkpoint_input,
+            diagnostics_every=self.diagnostics_every or None, fine_tuning=self.fine_tuning())
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, values: dict) -> "Config":
+        """A config from `config.json` (keys that are not fields, e.g. "experiment", ignored)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in values.items() if k in names}
+        if values.get("tasks") is not None:
+            values["tasks"] = tuple(values["tasks"])
+        return cls(**values)
