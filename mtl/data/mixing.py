@@ -3,28 +3,31 @@
 Two ways, both producing batches in the one format the train step reads,
 `(features, {every task: label}, {every task: sample_weight})`, where an example carries a
 weight of 1 for the task whose dataset it came from and 0 (label zeros) for every other task.
-The step then averages each task's loss over the examples that carry its label (DESIGN.md), so
-a task absent from a batch contributes 0.
+The step averages each task's loss over the examples that carry its label (`mtl.task_losses`),
+so a task absent from a batch contributes 0.
 
 1. Mixture batches, `mix(...)`: every batch mixes examples of all tasks, each drawn from task
    t's dataset with probability `rates[t]` (`tf.data.Dataset.sample_from_datasets`, seeded).
    Works with the plain `Trainer.fit(mix(...), steps)`.
 
-2. Task sampling, `TaskSchedule` + `task_datasets(...)`: each step trains one task on a batch
-   from that task's dataset; the schedule says which task at each step. The draw for a step
-   depends only on `(seed, step)`, so a resumed run continues with the same tasks from its
-   restored global step, and the per-task datasets' iterators go into the checkpoint. Intended
-   use in a training loop (one compiled step serves every task, because all per-task batches
-   have the same structure):
+2. Task sampling, a `TaskSchedule` (`task_schedule(...)`) + `task_datasets(...)`: each step
+   trains one task on a batch from that task's dataset; the schedule says which task at each
+   step. The draw for a step depends only on `(seed, step)`, so a resumed run continues with
+   the same tasks from its restored global step, and each task's input where it stopped (its
+   iterator is saved in the checkpoint on one replica; otherwise the batches the schedule
+   already drew for it are skipped). `Trainer.fit` takes both:
 
-       schedule = mtl.data.mixing.AnnealedSchedule(sizes, num_epochs=10, steps_per_epoch=1000,
-                                                   seed=0)
-       iterators = mtl.data.mixing.task_iterators(datasets, batch_size=64, seed=0)
-       for step in range(start, steps):
-           task = schedule.task(step)
-           train_step(next(iterators[task]))
-   or, inside a compiled loop of n steps, `indices = schedule.task_indices(start, n)` passed in
-   as an int32 tensor and `tf.switch_case(indices[i], [lambda: next(it) for it in ...])`.
+       schedule = mtl.data.mixing.task_schedule("annealed", sizes, num_epochs=10,
+                                                steps_per_epoch=1000, seed=0)
+       datasets = mtl.data.mixing.task_datasets(per_task_examples, batch_size=64, seed=0)
+       trainer.fit(datasets, steps, task_schedule=schedule)
+
+   The trainer has one iterator per task and one compiled train loop for every task (all
+   per-task batches have the same structure, so nothing retraces). Between compiled calls it
+   asks the schedule for the tasks of the next steps (`task_indices(step, n)`) and runs the
+   steps up to the next change of task in one call, on that task's iterator: which task trains
+   is decided in Python, never inside the compiled loop. A loop of one's own can do the same
+   with `schedule.task(step)` and `next(iterators[task])` over `task_iterators(...)`.
 
 Rates (`rates=` of `mix`, see `mixing_rates`): "proportional" (r_t = N_t / sum N), "uniform"
 (1 / T), `{"temperature": T}` (r_t proportional to N_t ** (1 / T), as in T5: T=1 is
@@ -275,7 +278,8 @@ def task_datasets(datasets: Mapping[str, tf.data.Dataset], *, batch_size: int,
 
     Every batch has the structure of `mix`'s: `(features, {every task: label}, {every task:
     weight [b]})` with weight 1 for its own task and 0 for the others, so one compiled step
-    (and one `tf.switch_case` over the iterators) serves every task. Batches keep a fixed size.
+    serves every task (`Trainer.fit` feeds it from one task's iterator at a time). Batches keep
+    a fixed size.
     """
     pipeline.check_batch_size(batch_size)
     filled = _with_all_labels(datasets, shuffle_buffer, seed, repeat)
@@ -327,8 +331,8 @@ class TaskSchedule(abc.ABC):
         return self.tasks[self.task_index(step)]
 
     def task_indices(self, start: int, num_steps: int) -> np.ndarray:
-        """Task indices for steps `start .. start + num_steps - 1`, int32 [num_steps] (to pass
-        to a compiled loop of `num_steps` steps)."""
+        """Task indices for steps `start .. start + num_steps - 1`, int32 [num_steps]
+        (`Trainer.fit` reads them to run the steps up to the next change of task at once)."""
         return np.array([self.task_index(s) for s in range(start, start + num_steps)], np.int32)
 
 
