@@ -9,6 +9,7 @@ from typing import Any, Callable, Sequence
 import keras
 import tensorflow as tf
 from keras.src.utils.tracking import Tracker  # Keras attribute tracker; copies need their own.
+from mtl.config import UsageError, UsageTypeError
 
 LossLike = Any  # a Keras loss object, a Keras loss name, or a callable(y_true, y_pred)
 MetricLike = Any  # a Keras metric object or a Keras metric name
@@ -28,7 +29,7 @@ def _resolve_loss(task_name: str, loss: LossLike) -> Callable:
         try:
             return keras.losses.get(loss)
         except ValueError:
-            raise ValueError(
+            raise UsageError(
                 f"Task {task_name!r}: unknown loss {loss!r}; expected a Keras loss name such as "
                 "'mse', 'mae', 'huber', 'binary_crossentropy', 'sparse_categorical_crossentropy', "
                 "or a keras.losses.Loss object.") from None
@@ -36,7 +37,7 @@ def _resolve_loss(task_name: str, loss: LossLike) -> Callable:
         return _without_reduction(loss)
     if callable(loss):
         return loss
-    raise TypeError(f"Task {task_name!r}: loss must be a Keras loss name, a keras.losses.Loss or a "
+    raise UsageTypeError(f"Task {task_name!r}: loss must be a Keras loss name, a keras.losses.Loss or a "
                     f"callable(y_true, y_pred); got {loss!r} of type {type(loss).__name__}.")
 
 
@@ -157,17 +158,17 @@ class Task:
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
-            raise ValueError(f"Task name must be a non-empty string; got {self.name!r}.")
+            raise UsageError(f"Task name must be a non-empty string; got {self.name!r}.")
         if isinstance(self.metrics, (str, keras.metrics.Metric)):
             object.__setattr__(self, "metrics", (self.metrics,))
         object.__setattr__(self, "metrics", tuple(self.metrics))
         try:
             weight = float(self.weight)
         except (TypeError, ValueError):
-            raise ValueError(f"Task {self.name!r}: weight must be a number; got {self.weight!r}."
+            raise UsageError(f"Task {self.name!r}: weight must be a number; got {self.weight!r}."
                              ) from None
         if not weight >= 0.0 or weight == float("inf"):
-            raise ValueError(f"Task {self.name!r}: weight must be a finite number >= 0; "
+            raise UsageError(f"Task {self.name!r}: weight must be a finite number >= 0; "
                              f"got {self.weight!r}.")
         object.__setattr__(self, "weight", weight)
         if self.label_key is None:
@@ -210,7 +211,7 @@ class Task:
             try:
                 return _copy_with_fresh_state(metric)
             except _UncopiableState as error:
-                raise TypeError(
+                raise UsageTypeError(
                     f"Task {self.name!r}: metric {metric.name!r} keeps its state in the "
                     f"tf.Variable {error.variable.name!r}, which cannot be given anew to each of "
                     "the train and eval splits; expected state made with "
@@ -222,7 +223,7 @@ class Task:
             try:
                 resolved = keras.metrics.get(metric)
             except ValueError:
-                raise ValueError(
+                raise UsageError(
                     f"Task {self.name!r}: unknown metric {metric!r}; expected a Keras metric name "
                     "such as 'accuracy', 'mae', 'mse', 'auc', or a keras.metrics.Metric object."
                 ) from None
@@ -230,7 +231,7 @@ class Task:
                 # Keep the name the user wrote ("mae", not "mean_absolute_error") in results.
                 return type(resolved).from_config({**resolved.get_config(), "name": metric})
             return keras.metrics.MeanMetricWrapper(resolved, name=metric)
-        raise TypeError(f"Task {self.name!r}: a metric must be a Keras metric name or a "
+        raise UsageTypeError(f"Task {self.name!r}: a metric must be a Keras metric name or a "
                         f"keras.metrics.Metric; got {metric!r}.")
 
     def _accuracy_metric(self) -> keras.metrics.Metric:

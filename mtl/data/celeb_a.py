@@ -31,6 +31,7 @@ import tensorflow as tf
 
 from mtl.data import pipeline, task_specs
 from mtl.data.task_specs import TaskSpec
+from mtl.config import UsageError
 
 NAME = "celeb_a"
 ATTRIBUTES = (
@@ -63,7 +64,7 @@ _MANUAL = ("CelebA's Google Drive links often refuse automated downloads. Manual
 
 def _check_mode(mode: str) -> str:
     if mode not in MODES:
-        raise ValueError(f"{NAME}: mode must be one of {list(MODES)}; got {mode!r}.")
+        raise UsageError(f"{NAME}: mode must be one of {list(MODES)}; got {mode!r}.")
     return mode
 
 
@@ -154,7 +155,7 @@ def examples(split: str, *, training: bool, tasks: Sequence[str] | None = None,
     tasks = pipeline.check_tasks(NAME, available if tasks is None else tasks, available)
     pipeline.check_split(NAME, split, SPLITS)
     if not isinstance(image_size, int) or image_size < 1:
-        raise ValueError(f"{NAME}: image_size must be an int >= 1; got {image_size!r}.")
+        raise UsageError(f"{NAME}: image_size must be an int >= 1; got {image_size!r}.")
     ds = pipeline.load_tfds(NAME, split, data_dir=data_dir, shuffle_files=training, seed=seed,
                             download=download, how_to_provide=_MANUAL)
     ds = ds.map(lambda f: to_example(f, tasks, image_size), num_parallel_calls=tf.data.AUTOTUNE)

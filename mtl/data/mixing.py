@@ -45,6 +45,7 @@ import numpy as np
 import tensorflow as tf
 
 from mtl.data import pipeline
+from mtl.config import UsageError
 
 RATE_NAMES = ("proportional", "uniform")
 SCHEDULE_KINDS = ("uniform", "proportional", "annealed")
@@ -63,31 +64,31 @@ def dataset_sizes(datasets: Mapping[str, tf.data.Dataset],
         _check_same_tasks("sizes", sizes, tasks)
         for task, size in sizes.items():
             if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or size < 1:
-                raise ValueError(f"sizes[{task!r}] must be an int >= 1; got {size!r}.")
+                raise UsageError(f"sizes[{task!r}] must be an int >= 1; got {size!r}.")
         return {t: int(sizes[t]) for t in tasks}
     result = {}
     for task, ds in datasets.items():
         cardinality = int(ds.cardinality())
         if cardinality < 0:
             what = "infinite" if cardinality == tf.data.INFINITE_CARDINALITY else "unknown"
-            raise ValueError(
+            raise UsageError(
                 f"The size of task {task!r}'s dataset is {what} (cardinality {cardinality}); "
                 "pass sizes={task: number of examples, ...} or explicit rates, or give the "
                 "dataset before repeat() / with tf.data.experimental.assert_cardinality(n).")
         if cardinality == 0:
-            raise ValueError(f"Task {task!r}'s dataset is empty.")
+            raise UsageError(f"Task {task!r}'s dataset is empty.")
         result[task] = cardinality
     return result
 
 
 def _check_same_tasks(what: str, given: Mapping, tasks: Sequence[str]) -> None:
     if not isinstance(given, Mapping):
-        raise ValueError(f"{what} must be a dict {{task: value}} over the tasks {list(tasks)}; "
+        raise UsageError(f"{what} must be a dict {{task: value}} over the tasks {list(tasks)}; "
                          f"got {given!r}.")
     missing = [t for t in tasks if t not in given]
     extra = [t for t in given if t not in tasks]
     if missing or extra:
-        raise ValueError(f"{what} must name exactly the tasks {list(tasks)}; "
+        raise UsageError(f"{what} must name exactly the tasks {list(tasks)}; "
                          f"missing {missing}, extra {extra} (got {dict(given)}).")
 
 
@@ -101,13 +102,13 @@ def mixing_rates(rates, sizes: Mapping[str, int] | None = None, *,
     """
     if tasks is None:
         if sizes is None:
-            raise ValueError("mixing_rates needs the task names: pass sizes or tasks.")
+            raise UsageError("mixing_rates needs the task names: pass sizes or tasks.")
         tasks = list(sizes)
     tasks = list(tasks)
 
     def need_sizes(kind):
         if sizes is None:
-            raise ValueError(f"rates={kind!r} needs the size of every task's dataset; pass "
+            raise UsageError(f"rates={kind!r} needs the size of every task's dataset; pass "
                              "sizes={task: N} or datasets of known cardinality.")
         return np.array([float(sizes[t]) for t in tasks])
 
@@ -117,14 +118,14 @@ def mixing_rates(rates, sizes: Mapping[str, int] | None = None, *,
         elif rates == "proportional":
             values = need_sizes(rates)
         else:
-            raise ValueError(f"Unknown rates {rates!r}; expected one of {list(RATE_NAMES)}, "
+            raise UsageError(f"Unknown rates {rates!r}; expected one of {list(RATE_NAMES)}, "
                              "{'temperature': T} or a dict {task: rate}.")
     elif isinstance(rates, Mapping) and set(rates) == {"temperature"} \
             and "temperature" not in tasks:
         temperature = rates["temperature"]
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
                 or not temperature > 0 or math.isinf(temperature):
-            raise ValueError(f"rates temperature must be a finite number > 0; got "
+            raise UsageError(f"rates temperature must be a finite number > 0; got "
                              f"{temperature!r}.")
         values = need_sizes(rates) ** (1.0 / temperature)
     elif isinstance(rates, Mapping):
@@ -134,14 +135,14 @@ def mixing_rates(rates, sizes: Mapping[str, int] | None = None, *,
             rate = rates[task]
             if isinstance(rate, bool) or not isinstance(rate, (int, float, np.floating)) \
                     or not rate >= 0 or math.isinf(rate):
-                raise ValueError(f"rates[{task!r}] must be a finite number >= 0; got {rate!r}.")
+                raise UsageError(f"rates[{task!r}] must be a finite number >= 0; got {rate!r}.")
             values.append(float(rate))
         values = np.array(values)
         if values.sum() <= 0:
-            raise ValueError(f"rates are all zero ({dict(rates)}); at least one task needs a "
+            raise UsageError(f"rates are all zero ({dict(rates)}); at least one task needs a "
                              "rate > 0.")
     else:
-        raise ValueError(f"rates must be 'proportional', 'uniform', {{'temperature': T}} or a "
+        raise UsageError(f"rates must be 'proportional', 'uniform', {{'temperature': T}} or a "
                          f"dict {{task: rate}}; got {rates!r}.")
     values = values / values.sum()
     return {t: float(v) for t, v in zip(tasks, values)}
@@ -157,7 +158,7 @@ def rates_from_string(text: str):
         pairs = dict(item.split("=", 1) for item in text.split(","))
         pairs = {k.strip(): float(v) for k, v in pairs.items()}
     except ValueError:
-        raise ValueError(f"Cannot read rates {text!r}; expected 'proportional', 'uniform', "
+        raise UsageError(f"Cannot read rates {text!r}; expected 'proportional', 'uniform', "
                          "'temperature=T' or 'task=rate,task=rate'.") from None
     return pairs
 
@@ -175,23 +176,23 @@ def is_rates_string(text: str) -> bool:
 def _check_inputs(datasets: Mapping[str, tf.data.Dataset]) -> dict:
     """Checks the datasets' elements; returns `{task: label TensorSpec}`."""
     if not isinstance(datasets, Mapping) or not datasets:
-        raise ValueError(f"datasets must be a non-empty dict {{task: tf.data.Dataset}}; got "
+        raise UsageError(f"datasets must be a non-empty dict {{task: tf.data.Dataset}}; got "
                          f"{datasets!r}.")
     label_specs, first = {}, None
     for task, ds in datasets.items():
         if not isinstance(ds, tf.data.Dataset):
-            raise ValueError(f"datasets[{task!r}] must be a tf.data.Dataset; got {type(ds)}.")
+            raise UsageError(f"datasets[{task!r}] must be a tf.data.Dataset; got {type(ds)}.")
         spec = ds.element_spec
         if not isinstance(spec, tuple) or len(spec) not in (2, 3) \
                 or not isinstance(spec[1], dict):
-            raise ValueError(f"Task {task!r}'s dataset must yield unbatched (features, {{task: "
+            raise UsageError(f"Task {task!r}'s dataset must yield unbatched (features, {{task: "
                              f"label}}) examples; its elements are {spec}.")
         if task not in spec[1]:
-            raise ValueError(f"Task {task!r}'s dataset has no label {task!r}; its labels are "
+            raise UsageError(f"Task {task!r}'s dataset has no label {task!r}; its labels are "
                              f"{sorted(spec[1])}.")
         label = spec[1][task]
         if not isinstance(label, tf.TensorSpec) or not label.shape.is_fully_defined():
-            raise ValueError(f"Task {task!r}'s label must be a tensor of fully known shape per "
+            raise UsageError(f"Task {task!r}'s label must be a tensor of fully known shape per "
                              f"example (unbatched data); got {label}.")
         label_specs[task] = label
         features = tf.nest.map_structure(lambda s: (tuple(s.shape.as_list()), s.dtype.name),
@@ -199,7 +200,7 @@ def _check_inputs(datasets: Mapping[str, tf.data.Dataset]) -> dict:
         if first is None:
             first = (task, features)
         elif features != first[1]:
-            raise ValueError(
+            raise UsageError(
                 f"Every mixed dataset must have features of one shape and dtype: task {task!r}'s "
                 f"features are {features} but task {first[0]!r}'s are {first[1]} (shape, dtype). "
                 "Map them to one shape and dtype before mixing (e.g. tf.image.resize, tf.cast "
@@ -306,12 +307,12 @@ class TaskSchedule(abc.ABC):
     def __init__(self, tasks: Sequence[str], *, seed: int = 0):
         tasks = tuple(tasks)
         if not tasks or any(not isinstance(t, str) or not t for t in tasks):
-            raise ValueError(f"A task schedule needs a non-empty list of task names; got "
+            raise UsageError(f"A task schedule needs a non-empty list of task names; got "
                              f"{list(tasks)!r}.")
         if len(set(tasks)) != len(tasks):
-            raise ValueError(f"Task names repeat in {list(tasks)}.")
+            raise UsageError(f"Task names repeat in {list(tasks)}.")
         if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
-            raise ValueError(f"seed must be an int >= 0; got {seed!r}.")
+            raise UsageError(f"seed must be an int >= 0; got {seed!r}.")
         self.tasks = tasks
         self.seed = int(seed)
 
@@ -321,7 +322,7 @@ class TaskSchedule(abc.ABC):
 
     def task_index(self, step: int) -> int:
         if not isinstance(step, (int, np.integer)) or step < 0:
-            raise ValueError(f"step must be an int >= 0; got {step!r}.")
+            raise UsageError(f"step must be an int >= 0; got {step!r}.")
         cumulative = np.cumsum(self.probabilities(step))
         draw = np.random.default_rng([self.seed, int(step)]).random() * cumulative[-1]
         return int(min(np.searchsorted(cumulative, draw, side="right"), len(self.tasks) - 1))
@@ -372,7 +373,7 @@ class AnnealedSchedule(TaskSchedule):
         self.sizes = _check_sizes(sizes)
         for name, value in (("num_epochs", num_epochs), ("steps_per_epoch", steps_per_epoch)):
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1; got {value!r}.")
+                raise UsageError(f"{name} must be an int >= 1; got {value!r}.")
         self.num_epochs = int(num_epochs)
         self.steps_per_epoch = int(steps_per_epoch)
 
@@ -393,7 +394,7 @@ class AnnealedSchedule(TaskSchedule):
 
 def _check_sizes(sizes: Mapping[str, int]) -> dict:
     if not isinstance(sizes, Mapping) or not sizes:
-        raise ValueError(f"sizes must be a non-empty dict {{task: number of examples}}; got "
+        raise UsageError(f"sizes must be a non-empty dict {{task: number of examples}}; got "
                          f"{sizes!r}.")
     return dataset_sizes({t: None for t in sizes}, sizes)
 
@@ -403,16 +404,16 @@ def task_schedule(kind: str, tasks_or_sizes, *, seed: int = 0, num_epochs: int |
     """A schedule by name: "uniform" (task names or sizes), "proportional" or "annealed"
     (sizes `{task: N}`; annealed also needs `num_epochs` and `steps_per_epoch`)."""
     if kind not in SCHEDULE_KINDS:
-        raise ValueError(f"Unknown task schedule {kind!r}; expected one of "
+        raise UsageError(f"Unknown task schedule {kind!r}; expected one of "
                          f"{list(SCHEDULE_KINDS)}.")
     if kind == "uniform":
         return UniformSchedule(list(tasks_or_sizes), seed=seed)
     if not isinstance(tasks_or_sizes, Mapping):
-        raise ValueError(f"A {kind} schedule needs sizes {{task: number of examples}}; got "
+        raise UsageError(f"A {kind} schedule needs sizes {{task: number of examples}}; got "
                          f"{tasks_or_sizes!r}.")
     if kind == "proportional":
         return ProportionalSchedule(tasks_or_sizes, seed=seed)
     if num_epochs is None or steps_per_epoch is None:
-        raise ValueError("An annealed schedule needs num_epochs and steps_per_epoch.")
+        raise UsageError("An annealed schedule needs num_epochs and steps_per_epoch.")
     return AnnealedSchedule(tasks_or_sizes, num_epochs=num_epochs,
                             steps_per_epoch=steps_per_epoch, seed=seed)

@@ -19,6 +19,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from mtl.data import pipeline
+from mtl.config import UsageError
 
 IMAGE_SHAPE = (16, 32, 1)
 TASKS = ("left", "right", "sum")
@@ -105,9 +106,9 @@ def load(split: str, *, batch_size: int, training: bool, tasks=TASKS, data_dir=N
     """
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
-        raise ValueError(f"multi_digits has no task {unknown[0]!r}; its tasks are {list(TASKS)}.")
+        raise UsageError(f"multi_digits has no task {unknown[0]!r}; its tasks are {list(TASKS)}.")
     if split not in _SPLIT_SIZES:
-        raise ValueError(f"multi_digits has no split {split!r}; its splits are "
+        raise UsageError(f"multi_digits has no split {split!r}; its splits are "
                          f"{sorted(_SPLIT_SIZES)}.")
     ds = tfds.load("multi_digits", split=split, data_dir=data_dir, shuffle_files=False)
     ds = ds.map(lambda f: to_example(f, tuple(tasks)), num_parallel_calls=tf.data.AUTOTUNE)

@@ -24,6 +24,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from mtl.config import UsageError
 
 
 class DatasetUnavailableError(ValueError):
@@ -35,7 +36,7 @@ class DatasetUnavailableError(ValueError):
 
 def check_batch_size(batch_size) -> int:
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1; got {batch_size!r}.")
+        raise UsageError(f"batch_size must be an int >= 1; got {batch_size!r}.")
     return batch_size
 
 
@@ -46,13 +47,13 @@ _SPLIT_PART = re.compile(r"^\s*([A-Za-z_][\w-]*)\s*(\[[^\]]*\])?\s*$")
 def split_names(split: str) -> list[str]:
     """The base split names in a TFDS split string: `"train[:90%]+test"` -> `["train", "test"]`."""
     if not isinstance(split, str) or not split.strip():
-        raise ValueError(f"split must be a TFDS split string such as 'train' or 'train[:90%]'; "
+        raise UsageError(f"split must be a TFDS split string such as 'train' or 'train[:90%]'; "
                          f"got {split!r}.")
     names = []
     for part in split.split("+"):
         match = _SPLIT_PART.match(part)
         if not match:
-            raise ValueError(f"split {split!r} is not a TFDS split string; expected names such "
+            raise UsageError(f"split {split!r} is not a TFDS split string; expected names such "
                              "as 'train', optionally sliced ('train[:90%]', 'test[10:20]') and "
                              "joined with '+'.")
         names.append(match.group(1))
@@ -63,7 +64,7 @@ def check_split(dataset: str, split: str, splits: Sequence[str]) -> str:
     """Raises a ValueError naming the dataset's splits when `split` uses another one."""
     for name in split_names(split):
         if name not in splits:
-            raise ValueError(f"{dataset} has no split {name!r} (in split={split!r}); its splits "
+            raise UsageError(f"{dataset} has no split {name!r} (in split={split!r}); its splits "
                              f"are {list(splits)} (slices such as 'train[:90%]' work too).")
     return split
 
@@ -71,14 +72,14 @@ def check_split(dataset: str, split: str, splits: Sequence[str]) -> str:
 def check_tasks(dataset: str, tasks, available: Sequence[str]) -> tuple[str, ...]:
     """The requested task names as a tuple; a ValueError names the dataset's tasks otherwise."""
     if isinstance(tasks, str) or not isinstance(tasks, Sequence) or not tasks:
-        raise ValueError(f"{dataset}: tasks must be a non-empty list of task names, a subset of "
+        raise UsageError(f"{dataset}: tasks must be a non-empty list of task names, a subset of "
                          f"{list(available)}; got {tasks!r}.")
     for task in tasks:
         if task not in available:
-            raise ValueError(f"{dataset} has no task {task!r}; its tasks are {list(available)}.")
+            raise UsageError(f"{dataset} has no task {task!r}; its tasks are {list(available)}.")
     duplicates = sorted({t for t in tasks if list(tasks).count(t) > 1})
     if duplicates:
-        raise ValueError(f"{dataset}: task {duplicates[0]!r} is requested more than once in "
+        raise UsageError(f"{dataset}: task {duplicates[0]!r} is requested more than once in "
                          f"{list(tasks)}.")
     return tuple(tasks)
 

@@ -24,6 +24,7 @@ import tensorflow as tf
 
 from mtl.data import pipeline, task_specs
 from mtl.data.task_specs import TaskSpec
+from mtl.config import UsageError
 
 NAME = "shapes3d"
 IMAGE_SHAPE = (64, 64, 3)
@@ -41,7 +42,7 @@ EVAL_SPLIT = "train[90%:]"
 
 def _check_mode(mode: str) -> str:
     if mode not in MODES:
-        raise ValueError(f"{NAME}: mode must be one of {list(MODES)}; got {mode!r}.")
+        raise UsageError(f"{NAME}: mode must be one of {list(MODES)}; got {mode!r}.")
     return mode
 
 

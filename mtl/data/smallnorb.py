@@ -22,6 +22,7 @@ import tensorflow as tf
 
 from mtl.data import pipeline, task_specs
 from mtl.data.task_specs import TaskSpec
+from mtl.config import UsageError
 
 NAME = "smallnorb"
 TASKS = ("category", "elevation", "azimuth", "lighting")
@@ -72,7 +73,7 @@ def examples(split: str, *, training: bool, tasks: Sequence[str] = TASKS,
     tasks = pipeline.check_tasks(NAME, tasks, TASKS)
     pipeline.check_split(NAME, split, SPLITS)
     if image_size is not None and (not isinstance(image_size, int) or image_size < 8):
-        raise ValueError(f"{NAME}: image_size must be None (96) or an int >= 8; got "
+        raise UsageError(f"{NAME}: image_size must be None (96) or an int >= 8; got "
                          f"{image_size!r}.")
     padding = max(1, image_shape(image_size)[0] // 16)
     shift = pipeline.on_features(

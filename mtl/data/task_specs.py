@@ -21,6 +21,7 @@ import tensorflow as tf
 from mtl import heads as heads_lib
 from mtl.data import pipeline
 from mtl.tasks import Task
+from mtl.config import UsageError
 
 KINDS = ("classification", "binary", "regression")
 
@@ -38,9 +39,9 @@ class TaskSpec:
 
     def __post_init__(self):
         if self.kind not in KINDS:
-            raise ValueError(f"TaskSpec kind must be one of {list(KINDS)}; got {self.kind!r}.")
+            raise UsageError(f"TaskSpec kind must be one of {list(KINDS)}; got {self.kind!r}.")
         if not isinstance(self.units, int) or isinstance(self.units, bool) or self.units < 1:
-            raise ValueError(f"TaskSpec units must be an int >= 1; got {self.units!r}.")
+            raise UsageError(f"TaskSpec units must be an int >= 1; got {self.units!r}.")
 
     @property
     def label_shape(self) -> tuple:
@@ -86,7 +87,7 @@ def build_tasks(specs: Mapping[str, TaskSpec], names: Sequence[str] | None = Non
     weights = dict(weights or {})
     unknown = sorted(set(weights) - set(names))
     if unknown:
-        raise ValueError(f"{dataset}: weights names task {unknown[0]!r}, which is not among the "
+        raise UsageError(f"{dataset}: weights names task {unknown[0]!r}, which is not among the "
                          f"tasks built ({names}).")
     return [specs[n].task(n, weight=weights.get(n, 1.0)) for n in names]
 

@@ -1,0 +1,105 @@
+"""The gradient sources' parts on their own: the decisions, the accumulators, the pre-pass."""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import mtl
+from mtl import gradient_sources
+
+
+def _built(name, **options):
+    method = mtl.weighting.get(name, **options)
+    method.build(["a", "b"], [1.0, 0.5])
+    return method
+
+
+def test_loss_decision_weights_are_the_derivative_of_the_methods_total():
+    losses = tf.constant([2.0, 0.5])
+    uncertainty = _built("uncertainty")
+    uncertainty.log_variances.assign([0.5, -1.0])
+    weights, same, (log_variance_gradient,) = gradient_sources.LossDecision(
+        uncertainty).decide(losses)
+    s = np.array([0.5, -1.0])
+    fixed = np.array([1.0, 0.5])
+    np.testing.assert_allclose(weights.numpy(), fixed * np.exp(-s), rtol=1e-6)
+    assert same is weights
+    # d/ds of w (exp(-s) L + s) = w (1 - exp(-s) L): the whole batch's gradient, once.
+    np.testing.assert_allclose(log_variance_gradient.numpy(),
+                               fixed * (1 - np.exp(-s) * losses.numpy()), rtol=1e-6)
+    # Divided by the replicas: each computes it whole and the optimizer sums them.
+    _, _, (halved,) = gradient_sources.LossDecision(uncertainty).decide(losses, num_replicas=2)
+    np.testing.assert_allclose(halved.numpy(), log_variance_gradient.numpy() / 2, rtol=1e-6)
+
+
+def test_loss_decision_of_geometric_mean_is_its_gradient():
+    losses = tf.constant([2.0, 0.5])
+    weights, _, _ = gradient_sources.LossDecision(_built("gls")).decide(losses)
+    # G = (L_a^1 L_b^0.5)^(1/1.5); dG/dL_t = G w_t / (W L_t).
+    g = (2.0 ** 1.0 * 0.5 ** 0.5) ** (1 / 1.5)
+    np.testing.assert_allclose(weights.numpy(), [g * 1.0 / (1.5 * 2.0), g * 0.5 / (1.5 * 0.5)],
+                               rtol=1e-5)
+
+
+def test_which_methods_must_see_the_whole_batch_first():
+    assert not gradient_sources.LossDecision(_built("equal")).needs_whole_batch
+    assert not gradient_sources.LossDecision(_built("rlw")).needs_whole_batch
+    for name in ("uncertainty", "dwa", "gls", "famo"):
+        assert gradient_sources.LossDecision(_built(name)).needs_whole_batch, name
+
+
+def test_rep_decision_weights_the_shared_rows_and_leaves_the_heads_plain():
+    fixed = tf.constant([1.0, 0.5])
+    gramian = tf.constant([[1.0, 0.0], [0.0, 4.0]])
+    shared, plain, method_gradients = gradient_sources.RepDecision(
+        _built("mgda"), fixed).decide(tf.constant([1.0, 1.0]), gramian)
+    # MGDA on orthogonal rows of norms 1 and 2: w = (0.8, 0.2).
+    np.testing.assert_allclose(shared.numpy(), [0.8, 0.2 * 0.5], rtol=1e-5)
+    np.testing.assert_array_equal(plain.numpy(), fixed.numpy())
+    assert method_gradients == []
+
+
+def test_summed_accumulator_adds_micro_batches_and_resets():
+    strategy = tf.distribute.get_strategy()
+    accumulator = gradient_sources.accumulator(strategy, [[2], [1]], micro_batches=2)
+    assert isinstance(accumulator, gradient_sources.Summed)
+
+    @tf.function
+    def run():
+        accumulator.reset()
+        accumulator.add([tf.constant([1.0, 2.0]), tf.constant([3.0])])
+        accumulator.add([tf.constant([10.0, 20.0]), tf.constant([30.0])])
+        return accumulator.total_of(0), accumulator.local()[1]
+
+    total, local = run()
+    np.testing.assert_array_equal(total.numpy(), [11.0, 22.0])
+    np.testing.assert_array_equal(local.numpy(), [33.0])
+    one = gradient_sources.accumulator(strategy, [[2]], micro_batches=1)
+    assert isinstance(one, gradient_sources.PassThrough)
+
+
+def test_the_pre_pass_leaves_batchnorm_statistics_and_dropout_rng_as_one_pass_would():
+    # The first update's forward passes see the same weights whatever the method, so after it
+    # the moving statistics and the RNG state must not depend on whether a pre-pass ran.
+    rng = np.random.RandomState(0)
+    x = rng.randn(32, 6).astype(np.float32)
+    y = {"a": (x[:, 0] > 0).astype(np.int64), "b": x[:, 1]}
+    states = {}
+    for method in ("equal", "uncertainty"):  # uncertainty with K=2 needs the pre-pass
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((6,))
+        hidden = keras.layers.Dense(8)(inputs)
+        hidden = keras.layers.BatchNormalization()(hidden)
+        hidden = keras.layers.Dropout(0.3)(hidden)
+        model = mtl.MultiTaskModel(keras.Model(inputs, hidden),
+                                   {"a": mtl.heads.classification(2),
+                                    "b": mtl.heads.regression(1)})
+        tasks = [mtl.Task("a", loss=keras.losses.SparseCategoricalCrossentropy(
+            from_logits=True)), mtl.Task("b", loss="mse")]
+        trainer = mtl.Trainer(model, tasks, optimizer="sgd", weighting=method,
+                              grad_accum_steps=2)
+        trainer.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(8), steps=1)
+        states[method] = [v.numpy() for v in mtl.step.layer_state(model)]
+    assert len(states["equal"]) >= 3  # moving mean, moving variance, the dropout RNG state
+    for got, want in zip(states["uncertainty"], states["equal"]):
+        np.testing.assert_array_equal(got, want)
