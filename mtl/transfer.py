@@ -39,8 +39,8 @@ WEIGHTS_FILE_SUFFIXES = (".weights.h5", ".keras", ".h5", ".hdf5")
 _MAX_SEARCH_DEPTH = 8
 
 
-class SourceNotFoundError(FileNotFoundError, ValueError):
-    """The source to load from does not exist. Also a ValueError: to an experiment script it is a
+class SourceNotFoundError(FileNotFoundError, UsageError):
+    """The source to load from does not exist. Also a UsageError: to an experiment script it is a
     bad flag value (`--init_backbone_from`), reported as such (exit status 2, no traceback)."""
 
 

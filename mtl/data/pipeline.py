@@ -27,7 +27,7 @@ import tensorflow_datasets as tfds
 from mtl.config import UsageError
 
 
-class DatasetUnavailableError(ValueError):
+class DatasetUnavailableError(UsageError):
     """A TFDS dataset is not prepared in the data folder and could not be downloaded.
 
     A ValueError, as other bad input: an experiment's `main` ends with its message.
