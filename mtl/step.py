@@ -70,8 +70,13 @@ def layer_state(model: keras.Model) -> list:
     for layer in model._flatten_layers(include_self=True, recursive=True):
         for generator in getattr(layer, "_seed_generators", ()) or ():
             state.append(generator.state)
+    return unique_variables(state)
+
+
+def unique_variables(variables) -> list:
+    """`variables` without repeats (by identity), in order."""
     seen, unique = set(), []
-    for v in state:
+    for v in variables:
         if id(v) not in seen:
             seen.add(id(v))
             unique.append(v)

@@ -26,7 +26,7 @@ from mtl.config import TrainerOptions, UsageError, UsageTypeError
 from mtl.finetune import layers_to_unfreeze, optimizer_groups, trainable_weights_when_unfrozen
 from mtl.input_state import Data, InputState, distribute
 from mtl.preemption import TrainingStopped  # noqa: F401 (API)
-from mtl.step import LossScale, TrainStep
+from mtl.step import LossScale, TrainStep, unique_variables
 from mtl.tasks import Task
 
 
@@ -164,7 +164,7 @@ class Trainer:
         return objects
 
     def _trainable_now(self) -> list:
-        return _unique(list(self.model.trainable_variables)
+        return unique_variables(list(self.model.trainable_variables)
                        + list(self.weighting.trainable_variables))
 
     def _build_step(self) -> None:
@@ -464,21 +464,12 @@ def _computes_in_float16(model) -> bool:
                for layer in model._flatten_layers(include_self=True, recursive=True))
 
 
-def _unique(variables):
-    seen, out = set(), []
-    for v in variables:
-        if id(v) not in seen:
-            seen.add(id(v))
-            out.append(v)
-    return out
-
-
 def _seed_states(model: keras.Model) -> list:
     states = []
     for layer in model._flatten_layers(include_self=True, recursive=True):
         for generator in getattr(layer, "_seed_generators", ()) or ():
             states.append(generator.state)
-    return _unique(states)
+    return unique_variables(states)
 
 
 
