@@ -14,10 +14,10 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Hide TF's start-up banner, keep warnings.
 
-import keras  # noqa: E402
 from absl import app  # noqa: E402
 
-import mtl  # noqa: E402
+import mtl  # noqa: E402  (before keras: it filters TensorFlow's start-up lines)
+import keras  # noqa: E402
 from mtl import experiment, flags  # noqa: E402
 from mtl.data import multi_digits  # noqa: E402
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 
@@ -46,6 +47,16 @@ def read_all(path: str) -> None:
     for name, dtype in reader.get_variable_to_dtype_map().items():
         if dtype != tf.variant:  # The input pipeline's state has no numpy form.
             reader.get_tensor(name)
+
+
+def _numbered_checkpoints(directory: str) -> list[tuple[int, str]]:
+    """(number, prefix) of every `ckpt-N` in `directory` whose index and data files exist."""
+    found = []
+    for name in tf.io.gfile.listdir(directory) if tf.io.gfile.isdir(directory) else []:
+        match = re.fullmatch(r"(ckpt-(\d+))\.index", name)
+        if match and tf.io.gfile.glob(os.path.join(directory, match.group(1) + ".data-*")):
+            found.append((int(match.group(2)), os.path.join(directory, match.group(1))))
+    return found
 
 
 def has_input(path: str) -> bool:
@@ -145,19 +156,25 @@ class Checkpointer:
         logging.info("Saved checkpoint %s", path)
         return path
 
-    def restore(self) -> bool:
+    def restore(self, *, strict: bool = True) -> bool:
         """Restores the newest readable checkpoint; False when there is none.
 
         Every tensor of a checkpoint is read before anything is assigned, so a truncated or
         corrupt newest checkpoint is detected: the previous one is used instead, with a warning.
-        A checkpoint of a different model (other tasks or variable shapes) is refused before
-        anything is loaded.
+        The index file (`checkpoint`) is metadata as precious as the data: when it is missing or
+        unreadable, the folder is scanned for complete checkpoints, newest first, and the index
+        is rewritten. A checkpoint of a different model (other tasks or variable shapes) is
+        refused before anything is loaded. `strict=False` restores what matches and leaves the
+        rest as it is (a resumed run whose configuration change was allowed).
         """
-        if self._manager is None or not self._manager.checkpoints:
+        if self._manager is None:
+            return False
+        candidates = self._candidates()
+        if not candidates:
             return False
         check_signature(self._manager.directory, self.signature)
         problems = []
-        for path in reversed(self._manager.checkpoints):
+        for path in candidates:
             try:
                 read_all(path)
             except (tf.errors.OpError, ValueError, OSError, IndexError, RuntimeError) as e:
@@ -165,7 +182,9 @@ class Checkpointer:
                 logging.warning("Checkpoint %s is unreadable (%s); trying the previous one.",
                                 path, type(e).__name__)
                 continue
-            self.checkpoint.restore(path).expect_partial().assert_existing_objects_matched()
+            status = self.checkpoint.restore(path).expect_partial()
+            if strict:
+                status.assert_existing_objects_matched()
             self.restored_path = path
             if problems:
                 logging.warning("Resumed from %s because newer checkpoints are unreadable: %s",
@@ -175,6 +194,24 @@ class Checkpointer:
         raise CheckpointReadError(
             f"No readable checkpoint in {self._manager.directory}: " + "; ".join(problems)
             + ". Move the folder away to start afresh.")
+
+    def _candidates(self) -> list[str]:
+        """The checkpoints to try, newest first: the index's, or (when the index is missing
+        or unreadable) the complete ones found in the folder, after rewriting the index."""
+        listed = list(reversed(self._manager.checkpoints))
+        directory = self._manager.directory
+        found = sorted(_numbered_checkpoints(directory), reverse=True)
+        if listed or not found:
+            return listed
+        paths = [path for _, path in found]
+        logging.warning("The checkpoint index %s is missing or unreadable; found %d complete "
+                        "checkpoint(s) in the folder (newest: %s) and rewrote the index.",
+                        os.path.join(directory, "checkpoint"), len(paths), paths[0])
+        tf.compat.v1.train.update_checkpoint_state(
+            directory, paths[0], all_model_checkpoint_paths=list(reversed(paths)))
+        self._manager = tf.train.CheckpointManager(self.checkpoint, directory,
+                                                   max_to_keep=self._manager._max_to_keep)
+        return paths
 
     def restore_input(self, iterators) -> bool:
         """Restores the saved input position into `iterators`; False when the checkpoint

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Any
 
 ON_NONFINITE = ("stop", "skip")
@@ -54,8 +55,8 @@ def check_choice(name: str, value, allowed) -> None:
 
 
 def check_positive(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise UsageError(f"{name} must be > 0; got {value!r}.")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise UsageError(f"{name} must be a finite number > 0; got {value!r}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +107,9 @@ class TrainerOptions:
       checkpoint_input: save the input pipeline's position (one replica).
       diagnostics_every: steps between task-gradient diagnostics (None: off).
       fine_tuning: freezing, scheduled unfreezing, backbone learning-rate multiplier.
+      allow_config_change: settings of the run's record (`trainer.json` in `model_dir`) that a
+        resumed run may change: "tasks", "weighting", "optimizer", "precision",
+        "grad_accum_steps", "gradient_mode", "fine_tuning" (see `mtl.run_record`).
     """
 
     steps_per_loop: int = 10
@@ -119,6 +123,7 @@ class TrainerOptions:
     checkpoint_input: bool = True
     diagnostics_every: int | None = None
     fine_tuning: FineTuning = FineTuning()
+    allow_config_change: tuple[str, ...] = ()
 
     def __post_init__(self):
         for name in ("steps_per_loop", "log_every", "grad_accum_steps", "max_to_keep"):
@@ -129,6 +134,7 @@ class TrainerOptions:
         check_choice("gradient_mode", self.gradient_mode, GRADIENT_MODES)
         if not isinstance(self.fine_tuning, FineTuning):
             raise UsageError(f"fine_tuning must be a mtl.FineTuning; got {self.fine_tuning!r}.")
+        _check_names("allow_config_change", self.allow_config_change, TRAINER_RECORD)
 
     @classmethod
     def of(cls, options: "TrainerOptions | None" = None, **settings) -> "TrainerOptions":
@@ -139,6 +145,20 @@ class TrainerOptions:
             raise UsageError(f"Trainer takes no setting {unknown[0]!r}; its settings are "
                              f"{names}.")
         return dataclasses.replace(options or cls(), **settings)
+
+
+#: What `trainer.json` records (`mtl.run_record`): all of it shapes a run's state or results.
+TRAINER_RECORD = ("tasks", "weighting", "optimizer", "precision", "grad_accum_steps",
+                  "gradient_mode", "fine_tuning")
+
+
+def _check_names(name: str, given, allowed) -> None:
+    if isinstance(given, str) or not all(isinstance(g, str) for g in given):
+        raise UsageError(f"{name} must be a sequence of setting names; got {given!r}.")
+    unknown = [g for g in given if g not in allowed]
+    if unknown:
+        raise UsageError(f"{name} names {unknown[0]!r}, which is not a recorded setting; "
+                         f"expected some of {list(allowed)}.")
 
 
 def parse_weighting_options(text: str | None) -> dict[str, Any]:
@@ -227,6 +247,23 @@ class Config:
     unfreeze_at_step: int | None = None
     unfreeze_top_layers: int | None = None
     backbone_lr_multiplier: float = 1.0
+    allow_config_change: tuple[str, ...] = ()
+
+    #: Fields a resumed run may change freely: they shape neither its state nor the meaning of
+    #: its results (`mtl.run_record`). Every other field needs --allow_config_change.
+    FREE_TO_CHANGE = ("model_dir", "train_steps", "eval_every", "eval_steps", "eval_batch_size",
+                      "checkpoint_every", "log_every", "steps_per_loop", "data_dir",
+                      "max_to_keep", "diagnostics_every", "strategy", "num_gpus",
+                      "cpu_replicas", "tpu", "jit_compile", "deterministic", "checkpoint_input",
+                      "init_backbone_from", "on_nonfinite", "allow_config_change")
+    #: Which entry of the trainer's record (`TRAINER_RECORD`) a field feeds.
+    TRAINER_FIELDS = {"tasks": "tasks", "weighting": "weighting",
+                      "weighting_options": "weighting", "optimizer": "optimizer",
+                      "learning_rate": "optimizer", "mixed_precision": "precision",
+                      "grad_accum_steps": "grad_accum_steps", "gradient_mode": "gradient_mode",
+                      "freeze_backbone": "fine_tuning", "unfreeze_at_step": "fine_tuning",
+                      "unfreeze_top_layers": "fine_tuning",
+                      "backbone_lr_multiplier": "fine_tuning"}
 
     def __post_init__(self):
         from mtl import distribute, optimizers
@@ -269,6 +306,9 @@ class Config:
         if self.cpu_replicas is not None and self.strategy not in ("mirrored", "one_device"):
             raise UsageError(f"--cpu_replicas={self.cpu_replicas} needs --strategy=mirrored; "
                              f"got --strategy={self.strategy!r}.")
+        _check_names("--allow_config_change", self.allow_config_change,
+                     [f.name for f in dataclasses.fields(self)
+                      if f.name not in self.FREE_TO_CHANGE])
         if self.unfreeze_at_step is not None and self.unfreeze_at_step >= self.train_steps:
             raise UsageError(f"--unfreeze_at_step={self.unfreeze_at_step} is not before "
                              f"--train_steps={self.train_steps}: nothing would be unfrozen.")
@@ -286,7 +326,10 @@ class Config:
             grad_accum_steps=self.grad_accum_steps, jit_compile=self.jit_compile,
             on_nonfinite=self.on_nonfinite, gradient_mode=self.gradient_mode,
             checkpoint_input=self.checkpoint_input,
-            diagnostics_every=self.diagnostics_every or None, fine_tuning=self.fine_tuning())
+            diagnostics_every=self.diagnostics_every or None, fine_tuning=self.fine_tuning(),
+            allow_config_change=tuple(sorted({self.TRAINER_FIELDS[f]
+                                              for f in self.allow_config_change
+                                              if f in self.TRAINER_FIELDS})))
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -296,6 +339,7 @@ class Config:
         """A config from `config.json` (keys that are not fields, e.g. "experiment", ignored)."""
         names = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in values.items() if k in names}
-        if values.get("tasks") is not None:
-            values["tasks"] = tuple(values["tasks"])
+        for name in ("tasks", "allow_config_change"):
+            if values.get(name) is not None:
+                values[name] = tuple(values[name])
         return cls(**values)

@@ -15,7 +15,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from mtl import distribute, optimizers, progress
+from mtl import distribute, optimizers, progress, run_record
 from mtl import weighting as weighting_lib
 from mtl.config import Config, UsageError
 from mtl.tasks import Task
@@ -75,6 +75,25 @@ def distributed_train_data(experiment: Experiment, config: Config, task_names,
     return dataset_fn
 
 
+CONFIG_RECORD = "config.json"
+
+
+def check_run_record(experiment: Experiment, config: Config, model_dir: str) -> dict:
+    """Refuses, before anything is built or loaded, to resume a run of another experiment or
+    made with settings that shape its state (unless --allow_config_change names them); returns
+    every change (free ones included) for the run's history."""
+    recorded = run_record.read(os.path.join(model_dir, CONFIG_RECORD))
+    if recorded is None:
+        return {}
+    if recorded.get("experiment") != experiment.name:
+        raise UsageError(f"{model_dir} holds a run of experiment {recorded.get('experiment')!r}, "
+                         f"not {experiment.name!r}; use another --model_dir.")
+    recorded = {k: v for k, v in recorded.items() if k != "experiment"}
+    return run_record.check(recorded, config.to_json(), free=Config.FREE_TO_CHANGE,
+                            allowed=config.allow_config_change, where=model_dir,
+                            option="--allow_config_change")
+
+
 def select_tasks(available: Sequence[Task], wanted: Sequence[str] | None) -> list[Task]:
     """The tasks named in `wanted` (all when None), in the experiment's order."""
     if wanted is None:
@@ -102,6 +121,7 @@ def train_and_evaluate(experiment: Experiment, config: Config) -> dict:
     tasks = select_tasks(experiment.tasks(config), config.tasks)
     task_names = [t.name for t in tasks]
     model_dir = config.model_dir or os.path.join("runs", experiment.name)
+    changes = check_run_record(experiment, config, model_dir)
     train_ds = distributed_train_data(experiment, config, task_names, strategy)
     eval_ds = experiment.eval_data(config, task_names)
     with strategy.scope():
@@ -118,9 +138,9 @@ def train_and_evaluate(experiment: Experiment, config: Config) -> dict:
                           model_dir=model_dir, strategy=strategy,
                           options=config.trainer_options())
     if trainer.is_chief:
-        os.makedirs(model_dir, exist_ok=True)
-        with open(os.path.join(model_dir, "config.json"), "w") as f:
-            json.dump({"experiment": experiment.name, **config.to_json()}, f, indent=2)
+        run_record.write_once(os.path.join(model_dir, CONFIG_RECORD),
+                              {"experiment": experiment.name, **config.to_json()})
+        run_record.append_history(model_dir, CONFIG_RECORD, changes, trainer.global_step)
     if trainer.global_step >= config.train_steps:
         logging.info("%s already holds a run at step %d >= --train_steps=%d: evaluating only. "
                      "Use a new --model_dir to train again.", model_dir, trainer.global_step,

@@ -30,6 +30,7 @@ def define_flags(**defaults) -> None:
     if "train_steps" in flags.FLAGS:
         for name, value in defaults.items():
             flags.FLAGS.set_default(name, _flag_default(name, value))
+        _adopt_as_key_flags()
         return
     f = flags
     f.DEFINE_string("model_dir", values["model_dir"],
@@ -93,11 +94,28 @@ def define_flags(**defaults) -> None:
     f.DEFINE_integer("diagnostics_every", values["diagnostics_every"],
                      "Steps between task-gradient diagnostics in TensorBoard (weights, gradient "
                      "norms, pairwise cosines); 0 turns them off.")
+    f.DEFINE_list("allow_config_change", list(values["allow_config_change"]) or None,
+                  "Settings a resumed run may change from what the run folder recorded "
+                  "(e.g. learning_rate,optimizer); each change is appended to the run's "
+                  "config_history.json. Without it a changed setting is refused.")
     f.DEFINE_bool("deterministic", values["deterministic"],
                   "Deterministic ops (bitwise-repeatable runs and resumes; slower).")
     f.DEFINE_bool("checkpoint_input", values["checkpoint_input"],
                   "Save the input pipeline's position in checkpoints (single replica); "
                   "otherwise a resumed run skips the batches already seen.")
+    _adopt_as_key_flags()
+
+
+def _adopt_as_key_flags() -> None:
+    """Makes the shared flags key flags of the running script, so that its `--help` lists
+    them (absl's `--help` shows only the main module's own and key flags)."""
+    import sys
+
+    main = sys.argv[0] if sys.argv and sys.argv[0] else None
+    if not main:
+        return
+    for field in dataclasses.fields(Config):
+        flags.FLAGS.register_key_flag_for_module(main, flags.FLAGS[field.name])
 
 
 def _options_text(options: dict) -> str:
@@ -111,6 +129,8 @@ def _flag_default(name, value):
         return ",".join(value)
     if name == "weighting_options":
         return _options_text(value)
+    if name == "allow_config_change":
+        return ",".join(value) or None
     return value
 
 
@@ -124,5 +144,7 @@ def config_from_flags(flag_values=None) -> Config:
             value = tuple(v.strip() for v in value if v.strip())
         if field.name == "weighting_options":
             value = parse_weighting_options(value)
+        if field.name == "allow_config_change":
+            value = tuple(v.strip() for v in value or () if v.strip())
         kwargs[field.name] = value
     return Config(**kwargs)

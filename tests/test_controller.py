@@ -206,3 +206,66 @@ def test_settings_that_would_do_nothing_are_refused():
     with pytest.raises(mtl.UsageError, match="--unfreeze_at_step=5000 is not before "
                                              "--train_steps=1500"):
         mtl.Config(freeze_backbone=True, unfreeze_at_step=5000)
+
+
+# ---------------------------------------------------------------------------- run record
+def _recorded_trainer(model_dir, **kwargs):
+    kwargs.setdefault("optimizer", keras.optimizers.SGD(0.1))
+    return mtl.Trainer(_model(), _tasks(), model_dir=str(model_dir), checkpoint_every=1,
+                       **kwargs)
+
+
+def test_resuming_with_changed_settings_is_refused_before_anything_is_loaded(tmp_path):
+    _recorded_trainer(tmp_path).fit(_data().repeat(), steps=2)
+    record = (tmp_path / "trainer.json").read_text()
+    cases = [({"optimizer": keras.optimizers.Adam(0.1)}, "optimizer"),
+             ({"optimizer": keras.optimizers.SGD(0.5)}, "optimizer"),
+             ({"weighting": "mgda"}, "weighting"),
+             ({"grad_accum_steps": 2}, "grad_accum_steps")]
+    for kwargs, field in cases:
+        with pytest.raises(mtl.UsageError, match=rf"other settings \({field}: .*"
+                                                 rf"allow_config_change={field}"):
+            _recorded_trainer(tmp_path, **kwargs)
+    assert (tmp_path / "trainer.json").read_text() == record
+    assert not (tmp_path / "config_history.json").exists()
+
+
+def test_an_allowed_change_resumes_and_is_recorded(tmp_path):
+    import json
+
+    _recorded_trainer(tmp_path, weighting="famo").fit(_data().repeat(), steps=2)
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        trainer = _recorded_trainer(tmp_path, weighting="uncertainty",
+                                    optimizer=keras.optimizers.Adam(0.01),
+                                    allow_config_change=("weighting", "optimizer", "precision"))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert trainer.global_step == 2  # the weights were restored; the method starts fresh
+    trainer.fit(_data().repeat(), steps=3)
+    history = json.loads((tmp_path / "config_history.json").read_text())
+    assert set(history[0]["changes"]) == {"weighting", "optimizer", "precision"}
+    assert history[0]["step"] == 2
+    assert json.loads((tmp_path / "trainer.json").read_text())["weighting"]["name"] == "famo"
+
+
+def test_a_corrupt_checkpoint_index_falls_back_to_the_checkpoints_in_the_folder(tmp_path):
+    trainer = _recorded_trainer(tmp_path)
+    trainer.fit(_data().repeat(), steps=3)
+    weights = [v.numpy() for v in trainer.model.weights]
+    (tmp_path / "checkpoints" / "checkpoint").write_text("junk {{{")
+    resumed = _recorded_trainer(tmp_path)
+    assert resumed.global_step == 3
+    for got, want in zip(resumed.model.weights, weights):
+        np.testing.assert_array_equal(got.numpy(), want)
+    # The index was rewritten: a third trainer needs no scan.
+    assert "ckpt-3" in (tmp_path / "checkpoints" / "checkpoint").read_text()
+
+
+def test_no_readable_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
+    _recorded_trainer(tmp_path).fit(_data().repeat(), steps=2)
+    for path in (tmp_path / "checkpoints").glob("ckpt-*.data-*"):
+        path.write_bytes(b"truncated")
+    (tmp_path / "checkpoints" / "checkpoint").write_text("junk")
+    with pytest.raises(mtl.CheckpointReadError, match="No readable checkpoint"):
+        _recorded_trainer(tmp_path)

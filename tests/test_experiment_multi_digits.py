@@ -42,8 +42,9 @@ def test_script_trains_evaluates_and_resumes(tmp_path, digits_data_dir):
     assert results["step"] == 20 and set(results["results"]) == {"left", "right", "sum"}
     assert set(results["results"]["left"]) == {"loss", "accuracy"}
     assert json.loads((model_dir / "config.json").read_text())["train_steps"] == 20
-    assert sorted(p for p in os.listdir(model_dir)) == [
-        "checkpoints", "config.json", "eval", "results.json", "train"]
+    assert {"checkpoints", "config.json", "trainer.json", "eval", "results.json",
+            "train"} <= set(os.listdir(model_dir))
+    assert "config_history.json" not in os.listdir(model_dir)  # nothing changed yet
 
     # The same command with more steps continues from step 20.
     again = subprocess.run([sys.executable, SCRIPT, f"--flagfile={flagfile}",
@@ -52,6 +53,30 @@ def test_script_trains_evaluates_and_resumes(tmp_path, digits_data_dir):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "Restored" in again.stderr and "at step 20" in again.stderr
     assert "Results at step 25:" in again.stdout
+    history = json.loads((model_dir / "config_history.json").read_text())
+    assert history[-1]["changes"] == {"train_steps": {"from": 20, "to": 25}}
+    assert json.loads((model_dir / "config.json").read_text())["train_steps"] == 20
+
+    # A setting that shapes the run's state is refused before anything is loaded...
+    before = sorted(os.listdir(model_dir / "checkpoints"))
+    refused = subprocess.run([sys.executable, SCRIPT, f"--flagfile={flagfile}",
+                              "--train_steps=27", "--learning_rate=0.01"], env=_env(),
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert "error: " in refused.stderr and "learning_rate: 0.001 in the run, 0.01 now" in \
+        refused.stderr and "--allow_config_change=learning_rate" in refused.stderr
+    assert sorted(os.listdir(model_dir / "checkpoints")) == before
+    # ...and allowed when the user says so, recorded in the history.
+    allowed = subprocess.run([sys.executable, SCRIPT, f"--flagfile={flagfile}",
+                              "--train_steps=27", "--learning_rate=0.01",
+                              "--allow_config_change=learning_rate"], env=_env(),
+                             capture_output=True, text=True, timeout=300)
+    assert allowed.returncode == 0, allowed.stderr[-3000:]
+    assert "Results at step 27:" in allowed.stdout
+    changes = [entry["changes"] for entry in
+               json.loads((model_dir / "config_history.json").read_text())]
+    assert {"from": 0.001, "to": 0.01} in [c.get("learning_rate") for c in changes]
+    assert json.loads((model_dir / "config.json").read_text())["learning_rate"] == 0.001
 
 
 def test_bad_flag_value_fails_with_a_message_and_no_traceback(tmp_path):

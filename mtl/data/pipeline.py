@@ -19,11 +19,14 @@ from __future__ import annotations
 import contextlib
 import random
 import re
+import socket
+import urllib.parse
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+
 from mtl.config import UsageError
 
 
@@ -119,6 +122,14 @@ def load_tfds(name: str, split: str, *, data_dir: str | None = None, shuffle_fil
     Preparing leaves the process's global random state as it was (`preserved_random_state`).
     """
     builder = tfds.builder(name, data_dir=data_dir)
+    if download and not builder.is_prepared():
+        unreachable = unreachable_download_hosts(builder)
+        if unreachable:
+            # TFDS's downloader would retry for minutes before giving up.
+            raise DatasetUnavailableError(_unavailable_message(
+                builder, name, ConnectionError(
+                    f"cannot reach {', '.join(unreachable)} (checked before downloading)"),
+                how_to_provide, download))
     if download:
         try:
             with preserved_random_state():
@@ -133,6 +144,20 @@ def load_tfds(name: str, split: str, *, data_dir: str | None = None, shuffle_fil
     except AssertionError as error:  # TFDS asserts that the data was prepared.
         raise DatasetUnavailableError(
             _unavailable_message(builder, name, error, how_to_provide, download)) from None
+
+
+def unreachable_download_hosts(builder, timeout: float = 3.0) -> list[str]:
+    """The hosts the dataset downloads from, when none of them answers a TCP connection within
+    `timeout` seconds (an empty list when one does, or when the builder declares no URLs)."""
+    hosts = sorted({urllib.parse.urlparse(url).hostname for url in (builder.url_infos or {})}
+                   - {None})
+    for host in hosts:
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+            return []
+        except OSError:
+            continue
+    return hosts
 
 
 def _unavailable_message(builder, name: str, error: Exception, how_to_provide: str,
