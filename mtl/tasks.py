@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 from typing import Any, Callable, Sequence
 
 import keras
@@ -21,6 +22,44 @@ def _loss_name(loss: Callable) -> str:
     if isinstance(loss, keras.losses.Loss):
         return type(loss).__name__
     return getattr(loss, "__name__", type(loss).__name__)
+
+
+#: Keras's own loss functions (each built-in loss class computes one of them, as its `fn`).
+_KERAS_LOSS_FUNCTIONS = frozenset(
+    value for name, value in vars(keras.losses).items()
+    if inspect.isfunction(value) and name not in ("get", "serialize", "deserialize"))
+#: What the labels of a Keras loss function are, by the function itself (never by a name).
+_LABELS_OF = {
+    keras.losses.sparse_categorical_crossentropy: "class_ids",
+    keras.losses.categorical_crossentropy: "one_hot",
+    keras.losses.categorical_focal_crossentropy: "one_hot",
+    keras.losses.binary_crossentropy: "binary",
+    keras.losses.binary_focal_crossentropy: "binary",
+}
+
+
+def keras_loss_function(loss: Callable) -> Callable | None:
+    """The Keras loss function that `loss` computes (`loss` itself, or the `fn` of a built-in
+    loss class such as `SparseCategoricalCrossentropy`), or None for any other loss."""
+    function = getattr(loss, "fn", None) if isinstance(loss, keras.losses.Loss) else loss
+    try:
+        return function if function in _KERAS_LOSS_FUNCTIONS else None
+    except TypeError:  # An unhashable callable is not one of Keras's functions.
+        return None
+
+
+def _keras_loss_argument(loss: Callable, name: str):
+    """The value `loss` gives argument `name` of its Keras loss function (the function's default
+    when a loss class was not given it), or None when the function has no such argument."""
+    function = keras_loss_function(loss)
+    if function is None:
+        return None
+    parameter = inspect.signature(function).parameters.get(name)
+    if parameter is None:
+        return None
+    if isinstance(loss, keras.losses.Loss):
+        return loss.get_config().get(name, parameter.default)
+    return parameter.default
 
 
 def _resolve_loss(task_name: str, loss: LossLike) -> Callable:
@@ -126,12 +165,8 @@ def _new_variable_like(variable: keras.Variable) -> keras.Variable:
                               synchronization=variable.synchronization, name=variable.name)
 
 
-def _is_sparse_loss(loss: Callable) -> bool:
-    return "sparse" in _loss_name(loss).lower()
-
-
 def _from_logits(loss: Callable) -> bool:
-    return bool(getattr(loss, "get_config", lambda: {})().get("from_logits", False))
+    return bool(_keras_loss_argument(loss, "from_logits"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +183,20 @@ class Task:
         each split (`build_metrics`).
       weight: fixed loss weight, as Keras `loss_weights`; adaptive weighting methods act on top.
       label_key: key of this task's label in the data's label dict; defaults to `name`.
+      sparse: whether the loss takes integer class ids (shape [batch] or [batch, 1], one id in
+        [0, num_classes) per example, against a [batch, num_classes] output) rather than one
+        label per output unit. Declare it for a loss that Keras does not define (a plain
+        function or your own `keras.losses.Loss` subclass); None means False for those. For a
+        Keras loss (object or name) it is known from the loss itself: the sparse ones are
+        `SparseCategoricalCrossentropy` and `"sparse_categorical_crossentropy"`; leave it None
+        (a contradicting value is an error).
+
+    What a loss is comes from the loss itself, never from its name: a Keras loss class or
+    function is looked up by identity (a class by the Keras function it computes), anything
+    else by `sparse`. A Keras loss that takes probabilities (`from_logits=False`, the default
+    of the cross-entropy names such as "sparse_categorical_crossentropy") on a head that
+    outputs logits (`mtl.heads.classification`, `binary`, `multi_label`) is refused before
+    training (`mtl.validation.check_data`).
     """
 
     name: str
@@ -155,6 +204,7 @@ class Task:
     metrics: Sequence[MetricLike] = ()
     weight: float = 1.0
     label_key: str | None = None
+    sparse: bool | None = None
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
@@ -174,6 +224,7 @@ class Task:
         if self.label_key is None:
             object.__setattr__(self, "label_key", self.name)
         object.__setattr__(self, "_loss_fn", _resolve_loss(self.name, self.loss))
+        self._check_sparse()
         # Resolve metric names now so that a typo fails at construction, not in the step.
         for metric in self.metrics:
             self._new_metric(metric)
@@ -186,7 +237,49 @@ class Task:
     @property
     def sparse_labels(self) -> bool:
         """True when the loss takes integer class ids rather than one label per output unit."""
-        return _is_sparse_loss(self.loss_fn)
+        return self.label_kind == "class_ids"
+
+    @property
+    def label_kind(self) -> str | None:
+        """What the loss takes as labels: "class_ids" (sparse), "one_hot" (categorical),
+        "binary" (binary cross-entropy: each label in [0, 1]), or None (one value per output
+        unit, nothing more known)."""
+        function = keras_loss_function(self.loss_fn)
+        if function is not None:
+            return _LABELS_OF.get(function)
+        return "class_ids" if self.sparse else None
+
+    @property
+    def is_keras_loss(self) -> bool:
+        """True for a loss Keras defines (its functions and built-in classes), whose value is
+        NaN for a NaN or infinite label."""
+        return keras_loss_function(self.loss_fn) is not None
+
+    @property
+    def takes_probabilities(self) -> bool:
+        """True for a Keras cross-entropy with `from_logits=False`: it reads the output as
+        probabilities (after a softmax or sigmoid), not as logits."""
+        return _keras_loss_argument(self.loss_fn, "from_logits") is False
+
+    @property
+    def ignored_class_id(self) -> int | None:
+        """The class id a sparse Keras loss skips (`ignore_class`), if it has one."""
+        return _keras_loss_argument(self.loss_fn, "ignore_class")
+
+    def _check_sparse(self) -> None:
+        if self.sparse is not None and not isinstance(self.sparse, bool):
+            raise UsageTypeError(f"Task {self.name!r}: sparse must be True, False or None; got "
+                                 f"{self.sparse!r} of type {type(self.sparse).__name__}.")
+        function = keras_loss_function(self.loss_fn)
+        if self.sparse is None or function is None:
+            return
+        known = _LABELS_OF.get(function) == "class_ids"
+        if self.sparse != known:
+            takes = ("integer class ids" if known else "one label per output unit")
+            raise UsageError(
+                f"Task {self.name!r}: sparse={self.sparse!r} contradicts the loss "
+                f"{_loss_name(self.loss_fn)!r}, a Keras loss that takes {takes}; expected "
+                "sparse=None (known from a Keras loss) or a plain function for sparse=True.")
 
     def per_example_loss(self, y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
         """Loss of each example, shape [batch] float32 (extra axes are averaged)."""
@@ -236,12 +329,12 @@ class Task:
 
     def _accuracy_metric(self) -> keras.metrics.Metric:
         """The accuracy that fits the loss, as Keras `compile(metrics=["accuracy"])` picks it."""
-        name = _loss_name(self.loss_fn).lower()
-        if "sparse" in name:
+        kind = self.label_kind
+        if kind == "class_ids":
             return keras.metrics.SparseCategoricalAccuracy(name="accuracy")
-        if "categorical" in name:
+        if kind == "one_hot":
             return keras.metrics.CategoricalAccuracy(name="accuracy")
-        if "binary" in name:
+        if kind == "binary":
             threshold = 0.0 if _from_logits(self.loss_fn) else 0.5
             return keras.metrics.BinaryAccuracy(name="accuracy", threshold=threshold)
         return keras.metrics.Accuracy(name="accuracy")

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import keras
 import tensorflow as tf
 
-from mtl.tasks import Task
+from mtl import heads as heads_lib
 from mtl.config import UsageError
+from mtl.tasks import Task, keras_loss_function
 
 
 def check_tasks_match_heads(tasks: Sequence[Task], task_names: Sequence[str]) -> None:
@@ -54,6 +56,7 @@ def check_data(element_spec, tasks: Sequence[Task], model, where: str = "data") 
         if task.label_key not in labels:
             raise UsageError(f"{where}: task {task.name!r} reads label key {task.label_key!r}, "
                              f"but the data's labels have keys {sorted(labels)}.")
+        _check_loss_fits_head(task, model, where)
         _check_label(task, labels[task.label_key], outputs[task.name].shape, where)
         if task.name in weights:
             shape = _shape(weights[task.name])
@@ -98,7 +101,44 @@ def _check_label(task: Task, spec, output_shape, where: str) -> None:
     comparable = label if label.rank == output.rank else (
         label.concatenate([1]) if label.rank == output.rank - 1 else None)
     if comparable is None or not comparable[1:].is_compatible_with(output[1:]):
+        hint = ""
+        if (spec.dtype.is_integer and label.rank == output.rank - 1 and task.label_kind is None
+                and not task.is_keras_loss):
+            hint = (" If the loss takes integer class ids, declare it: "
+                    f"mtl.Task({task.name!r}, loss=..., sparse=True).")
         raise UsageError(
             f"{where}: task {task.name!r}: label {task.label_key!r} of shape {label} does not fit "
             f"its head's output of shape {output}; expected a label of shape "
-            f"{output} (or {output[:-1]} when the head has one output unit).")
+            f"{output} (or {output[:-1]} when the head has one output unit).{hint}")
+
+
+def _head_of(model, task_name: str):
+    return (getattr(model, "heads", None) or {}).get(task_name)
+
+
+#: The Keras loss class of each Keras loss function that has a `from_logits` argument.
+_LOSS_CLASS = {
+    keras.losses.sparse_categorical_crossentropy: "SparseCategoricalCrossentropy",
+    keras.losses.categorical_crossentropy: "CategoricalCrossentropy",
+    keras.losses.categorical_focal_crossentropy: "CategoricalFocalCrossentropy",
+    keras.losses.binary_crossentropy: "BinaryCrossentropy",
+    keras.losses.binary_focal_crossentropy: "BinaryFocalCrossentropy",
+}
+
+
+def _check_loss_fits_head(task: Task, model, where: str) -> None:
+    """A loss that takes probabilities must not read a head's logits."""
+    head = _head_of(model, task.name)
+    if not (task.takes_probabilities and heads_lib.outputs_logits(head)):
+        return
+    given = task.loss if isinstance(task.loss, str) else getattr(
+        task.loss, "__name__", type(task.loss).__name__)
+    fix = f"keras.losses.{_LOSS_CLASS[keras_loss_function(task.loss_fn)]}(from_logits=True)"
+    if isinstance(task.loss, keras.losses.Loss):
+        if not type(task.loss).__module__.startswith("keras."):  # A subclass of your own.
+            fix = f"{type(task.loss).__name__}(from_logits=True)"
+        fix += " (its other arguments as before)"
+    raise UsageError(
+        f"{where}: task {task.name!r}: the loss {given!r} takes probabilities (from_logits=False), "
+        f"but its head (mtl.heads.{heads_lib.kind_of(head)}) outputs logits; expected a loss "
+        f"on logits: use {fix}.")

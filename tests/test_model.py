@@ -132,3 +132,36 @@ def test_add_heads_shares_the_trained_layers():
     np.testing.assert_allclose(bigger(x)["a"].numpy(), model(x)["a"].numpy(), rtol=1e-6)
     with pytest.raises(ValueError, match="task 'a' already has a head"):
         model.add_heads({"a": mtl.heads.regression(1)})
+
+
+def test_heads_say_what_they_output():
+    assert mtl.heads.kind_of(mtl.heads.classification(3)) == "classification"
+    assert mtl.heads.kind_of(mtl.heads.binary(2)) == "binary"
+    assert mtl.heads.kind_of(mtl.heads.multi_label(4)) == "binary"
+    assert mtl.heads.kind_of(mtl.heads.regression(1)) == "regression"
+    assert mtl.heads.kind_of(keras.layers.Dense(3)) is None
+    assert mtl.heads.outputs_logits(mtl.heads.classification(3))
+    assert not mtl.heads.outputs_logits(mtl.heads.regression(1))
+
+
+def test_a_marked_head_saves_and_loads(tmp_path):
+    head = mtl.heads.classification(3, hidden=(4,))
+    x = tf.random.normal([2, 5])
+    expected = head(x).numpy()
+    path = str(tmp_path / "head.keras")
+    head.save(path)
+    loaded = keras.saving.load_model(path)
+    np.testing.assert_allclose(loaded(x).numpy(), expected, rtol=1e-6)
+    assert len(loaded.weights) == len(head.weights) == 4  # The mark adds no state.
+
+
+@pytest.mark.parametrize("units", [0, 2.5, True, "3"])
+def test_head_size_must_be_an_int(units):
+    with pytest.raises(ValueError, match=rf"classification head: the number of outputs must be "
+                                         rf"an int >= 1; got {units!r}"):
+        mtl.heads.classification(units)
+
+
+def test_head_size_may_be_a_numpy_int():
+    assert mtl.heads.classification(np.int64(3))(tf.zeros([2, 4])).shape == (2, 3)
+

@@ -219,3 +219,75 @@ def test_unknown_metric_names_task_and_value():
 def test_bad_weight(weight):
     with pytest.raises(ValueError, match="weight"):
         mtl.Task("left", loss="mse", weight=weight)
+
+
+# ------------------------------------------------------------- what a loss is, not its name
+class SparseFocal(keras.losses.SparseCategoricalCrossentropy):
+    """A subclass of a Keras sparse loss: sparse by what it computes."""
+
+
+def my_sparse_loss(y_true, y_pred):  # A plain function: its name says nothing to mtl.
+    return keras.losses.sparse_categorical_crossentropy(y_true, y_pred, from_logits=True)
+
+
+@pytest.mark.parametrize("loss, sparse", [
+    ("sparse_categorical_crossentropy", True),
+    (keras.losses.SparseCategoricalCrossentropy(from_logits=True), True),
+    (SparseFocal(from_logits=True), True),
+    (keras.losses.sparse_categorical_crossentropy, True),
+    ("categorical_crossentropy", False),
+    (keras.losses.BinaryCrossentropy(from_logits=True), False),
+    ("mse", False),
+    (my_sparse_loss, False),  # Not guessed from the name "my_sparse_loss".
+])
+def test_sparse_is_known_from_the_loss_itself(loss, sparse):
+    assert mtl.Task("t", loss=loss).sparse_labels is sparse
+
+
+def test_declared_sparse_loss_function_takes_class_ids():
+    task = mtl.Task("t", loss=my_sparse_loss, sparse=True, metrics=["accuracy"])
+    assert task.sparse_labels and task.label_kind == "class_ids"
+    (metric,) = task.build_metrics()
+    assert type(metric) is keras.metrics.SparseCategoricalAccuracy
+    values = task.per_example_loss(tf.constant([0, 1]), tf.constant([[0.0, 0.0], [0.0, 0.0]]))
+    np.testing.assert_allclose(values.numpy(), [np.log(2.0)] * 2, rtol=1e-6)  # Ids stay ints.
+    (plain,) = mtl.Task("t", loss=my_sparse_loss, metrics=["accuracy"]).build_metrics()
+    assert type(plain) is keras.metrics.Accuracy
+
+
+@pytest.mark.parametrize("loss, sparse, message", [
+    ("mse", True, r"Task 't': sparse=True contradicts the loss 'mean_squared_error', a Keras "
+                  r"loss that takes one label per output unit"),
+    (keras.losses.SparseCategoricalCrossentropy(), False,
+     r"sparse=False contradicts the loss 'SparseCategoricalCrossentropy', a Keras loss that "
+     r"takes integer class ids"),
+])
+def test_declared_sparse_that_contradicts_a_keras_loss(loss, sparse, message):
+    with pytest.raises(mtl.UsageError, match=message):
+        mtl.Task("t", loss=loss, sparse=sparse)
+    assert mtl.Task("t", loss=loss, sparse=not sparse).sparse_labels is (not sparse)
+
+
+def test_sparse_must_be_a_bool():
+    with pytest.raises(TypeError, match=r"Task 't': sparse must be True, False or None; got "
+                                        r"'yes' of type str"):
+        mtl.Task("t", loss=my_sparse_loss, sparse="yes")
+
+
+@pytest.mark.parametrize("loss, probabilities", [
+    ("sparse_categorical_crossentropy", True),
+    ("binary_crossentropy", True),
+    (keras.losses.CategoricalCrossentropy(), True),
+    (keras.losses.BinaryFocalCrossentropy(from_logits=True), False),
+    (keras.losses.SparseCategoricalCrossentropy(from_logits=True), False),
+    ("mse", False),
+    (my_sparse_loss, False),  # Unknown: not judged.
+])
+def test_takes_probabilities(loss, probabilities):
+    assert mtl.Task("t", loss=loss).takes_probabilities is probabilities
+
+
+def test_ignored_class_id_comes_from_the_loss():
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=255)
+    assert mtl.Task("t", loss=loss).ignored_class_id == 255
+    assert mtl.Task("t", loss="sparse_categorical_crossentropy").ignored_class_id is None
