@@ -17,6 +17,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 from mtl.config import UsageError, UsageTypeError
+from mtl.tasks import check_task_name
 
 
 def input_structure(model: keras.Model):
@@ -66,10 +67,11 @@ class MultiTaskModel(keras.Model):
             return
         if not isinstance(backbone, keras.Model):
             raise UsageTypeError(f"backbone must be a keras.Model (Functional); got {type(backbone)}.")
-        heads = _check_heads(heads)
+        heads = _check_heads(heads, layers=True)
         inputs = _fresh_inputs(backbone)
         features = backbone(inputs)
-        outputs = {task: head(features) for task, head in heads.items()}
+        outputs = {task: _one_output(head(features), f"head {task!r}")
+                   for task, head in heads.items()}
         super().__init__(inputs=inputs, outputs=outputs, name=name)
         self._mtl = _Refs(backbone=backbone, heads=heads, task_models={},
                           symbolic=(inputs, outputs))
@@ -87,6 +89,11 @@ class MultiTaskModel(keras.Model):
             if not isinstance(model, keras.Model):
                 raise UsageTypeError(f"from_models: task {task!r} must map to a keras.Model; got "
                                 f"{type(model).__name__}.")
+            if len(model.outputs) != 1:
+                raise UsageError(
+                    f"from_models: model {task!r} has {len(model.outputs)} outputs "
+                    f"{[tuple(t.shape) for t in model.outputs]}; expected one output per task "
+                    "(give each output its own task, e.g. one model per task sharing layers).")
             fresh = _fresh_inputs(model)
             specs[task] = tf.nest.map_structure(lambda t: (tuple(t.shape[1:]), t.dtype), fresh)
         first_task, first_spec = next(iter(specs.items()))
@@ -123,7 +130,7 @@ class MultiTaskModel(keras.Model):
         """
         if self.backbone is None:
             raise UsageError("add_heads needs a MultiTaskModel built from a backbone and heads.")
-        heads = _check_heads(heads)
+        heads = _check_heads(heads, layers=True)
         clash = sorted(set(heads) & set(self.task_names))
         if clash:
             raise UsageError(f"add_heads: task {clash[0]!r} already has a head; the model's "
@@ -140,13 +147,28 @@ class MultiTaskModel(keras.Model):
         return self._mtl.task_models[name]
 
 
-def _check_heads(heads, what="heads") -> dict:
+def _check_heads(heads, what="heads", layers: bool = False) -> dict:
+    """`heads` as a dict, checked: task names as keys; with `layers`, a layer (or another
+    callable on the backbone's output) as each value."""
     if not isinstance(heads, Mapping) or not heads:
         raise UsageError(f"{what} must be a non-empty dict {{task_name: ...}}; got {heads!r}.")
-    for task in heads:
-        if not isinstance(task, str) or not task:
-            raise UsageError(f"{what}: keys must be non-empty task names (str); got {task!r}.")
+    for task, head in heads.items():
+        check_task_name(task, f"{what}: a key (a task name)")
+        if layers and not callable(head):
+            raise UsageTypeError(
+                f"{what}: task {task!r} maps to {head!r} of type {type(head).__name__}; expected "
+                "a Keras layer that maps the backbone's output to the task's output, such as "
+                "mtl.heads.classification(10) or mtl.heads.regression(1).")
     return dict(heads)
+
+
+def _one_output(output, what: str):
+    """A head's output: one tensor per task (a list or dict of outputs has no single loss)."""
+    if isinstance(output, (list, tuple, dict)):
+        raise UsageError(
+            f"{what} returns {type(output).__name__} of {len(output)} outputs; expected one "
+            "tensor per task (give each output its own task and head).")
+    return output
 
 
 @dataclasses.dataclass(frozen=True)

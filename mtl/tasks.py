@@ -169,6 +169,16 @@ def _from_logits(loss: Callable) -> bool:
     return bool(_keras_loss_argument(loss, "from_logits"))
 
 
+def check_task_name(name, what: str) -> None:
+    """A task name is a non-empty str without "/": it names summary tags ("left/loss") and
+    export paths, where a "/" would make a folder."""
+    if not isinstance(name, str) or not name:
+        raise UsageError(f"{what} must be a non-empty string; got {name!r}.")
+    if "/" in name:
+        raise UsageError(f"{what} must not contain '/' (task names make summary tags such as "
+                         f"'{name}/loss' and export paths); got {name!r}.")
+
+
 @dataclasses.dataclass(frozen=True)
 class Task:
     """One task of a multi-task model.
@@ -207,8 +217,7 @@ class Task:
     sparse: bool | None = None
 
     def __post_init__(self):
-        if not isinstance(self.name, str) or not self.name:
-            raise UsageError(f"Task name must be a non-empty string; got {self.name!r}.")
+        check_task_name(self.name, "Task name")
         if isinstance(self.metrics, (str, keras.metrics.Metric)):
             object.__setattr__(self, "metrics", (self.metrics,))
         object.__setattr__(self, "metrics", tuple(self.metrics))

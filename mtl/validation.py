@@ -13,6 +13,13 @@ from mtl.tasks import Task, keras_loss_function
 
 
 def check_tasks_match_heads(tasks: Sequence[Task], task_names: Sequence[str]) -> None:
+    odd = [n for n in task_names if not isinstance(n, str)]
+    if odd:
+        shapes = [tuple(getattr(n, "shape", ())) for n in task_names]
+        raise UsageError(
+            f"The model's outputs must be a dict {{task_name: output}} (a MultiTaskModel, or "
+            f"a Functional model built with outputs={{...}}); got {len(task_names)} unnamed "
+            f"outputs of shapes {shapes}.")
     names = [t.name for t in tasks]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:

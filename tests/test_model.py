@@ -165,3 +165,29 @@ def test_head_size_must_be_an_int(units):
 def test_head_size_may_be_a_numpy_int():
     assert mtl.heads.classification(np.int64(3))(tf.zeros([2, 4])).shape == (2, 3)
 
+
+def test_head_given_as_an_int():
+    backbone = mtl.backbones.mlp((6,), widths=(8,))
+    with pytest.raises(TypeError, match=r"heads: task 'a' maps to 10 of type int; expected a Keras "
+                                        r"layer .* such as mtl.heads.classification\(10\)"):
+        mtl.MultiTaskModel(backbone, {"a": 10, "b": mtl.heads.regression(1)})
+
+
+def test_head_with_several_outputs():
+    class Split(keras.layers.Layer):
+        def call(self, x):
+            return [x[:, :2], x[:, 2:]]
+
+    backbone = mtl.backbones.mlp((6,), widths=(8,))
+    with pytest.raises(ValueError, match=r"head 'a' returns list of 2 outputs; expected one "
+                                         r"tensor per task"):
+        mtl.MultiTaskModel(backbone, {"a": Split()})
+
+
+def test_from_models_with_a_model_of_several_outputs():
+    inputs = keras.Input((6,))
+    two = keras.Model(inputs, [keras.layers.Dense(3)(inputs), keras.layers.Dense(1)(inputs)])
+    with pytest.raises(ValueError, match=r"from_models: model 'a' has 2 outputs "
+                                         r"\[\(None, 3\), \(None, 1\)\]; expected one output per "
+                                         r"task"):
+        mtl.MultiTaskModel.from_models({"a": two})

@@ -1,5 +1,5 @@
 """Bad input to the Python API stops before any graph is built, naming what was given and what
-was expected: the loss against its head."""
+was expected: the loss against its head, model and head structure, task names."""
 
 import keras
 import numpy as np
@@ -103,3 +103,23 @@ def test_a_sparse_loss_of_your_own_needs_sparse_true():
     logits = trainer.model(_dataset(_labels()).get_single_element()[0])["a"]
     expected = float(tf.reduce_mean(focal(tf.constant(_labels()["a"]), logits)))
     assert results["a"]["loss"] == pytest.approx(expected, rel=1e-5)
+
+
+# ---------------------------------------------------------------- model, heads and task names
+def test_model_with_list_outputs():
+    inputs = keras.Input((6,))
+    hidden = keras.layers.Dense(4)(inputs)
+    model = keras.Model(inputs, [keras.layers.Dense(3)(hidden), keras.layers.Dense(1)(hidden)])
+    with pytest.raises(mtl.UsageError, match=r"The model's outputs must be a dict "
+                                             r"\{task_name: output\} .*got 2 unnamed outputs of "
+                                             r"shapes \[\(None, 3\), \(None, 1\)\]"):
+        mtl.Trainer(model, _tasks(), optimizer="sgd")
+
+
+def test_task_name_with_a_slash():
+    with pytest.raises(mtl.UsageError, match=r"Task name must not contain '/' .*got 'depth/left'"):
+        mtl.Task("depth/left", loss="mse")
+    with pytest.raises(mtl.UsageError, match=r"heads: a key \(a task name\) must not contain '/'"
+                                             r".*got 'a/b'"):
+        mtl.MultiTaskModel(mtl.backbones.mlp((6,), widths=(8,)),
+                           {"a/b": mtl.heads.regression(1)})
