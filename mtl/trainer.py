@@ -360,9 +360,11 @@ class Trainer:
             "on_nonfinite='skip' (--on_nonfinite=skip) to drop such steps instead.")
 
     def _check_data(self, data: Data, where: str) -> None:
-        """Checks structure, shapes and batch split before any graph is built."""
+        """Checks structure, shapes, batch split and the first batch's label values before any
+        graph is built."""
         replicas = self.strategy.num_replicas_in_sync
         if isinstance(data, tf.data.Dataset):
+            dataset = data
             spec = data.element_spec
             batch = tf.nest.flatten(spec)[0].shape[0] if isinstance(spec, tuple) else None
             if batch is not None and batch % replicas:
@@ -372,16 +374,24 @@ class Trainer:
         elif callable(data):
             context = tf.distribute.InputContext(num_input_pipelines=1, input_pipeline_id=0,
                                                  num_replicas_in_sync=replicas)
-            spec = data(context).element_spec
+            dataset = data(context)
+            spec = dataset.element_spec
         else:
             raise UsageTypeError(f"{where} must be a tf.data.Dataset or a function (InputContext) -> "
                             f"tf.data.Dataset; got {type(data).__name__}.")
         validation.check_data(spec, self.tasks, self.model, where=where)
+        # Its own iterator: the stream `fit` trains on is not touched.
+        validation.check_first_batch(dataset, self.tasks, self.model, where=where)
 
     # ----------------------------------------------------------------------------- evaluation
     def evaluate(self, data: Data, steps: int | None = None) -> dict:
         """Returns `{task: {"loss": ..., metric_name: ...}}` over `data` (or its first `steps`
-        batches). A task's loss and metrics count only the examples that carry its label."""
+        batches). A task's loss and metrics count only the examples that carry its label.
+        An empty dataset (or `steps` < 1) is an error, not a result of zeros."""
+        if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool)
+                                  or steps < 1):
+            raise UsageError(f"evaluate: steps must be None (the whole dataset) or an int >= 1; "
+                             f"got {steps!r}.")
         self._check_data(data, "eval data")
         if steps is None and isinstance(data, tf.data.Dataset) and \
                 data.cardinality() == tf.data.INFINITE_CARDINALITY:

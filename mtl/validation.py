@@ -1,10 +1,17 @@
-"""Checks that run before any graph is built, with errors that say what was given and expected."""
+"""Checks that run before any graph is built, with errors that say what was given and expected.
+
+Two stages: `check_data` reads a dataset's element spec (structure, shapes, dtypes, and the
+loss against its head); `check_first_batch` reads the values of one batch from an iterator of
+its own (never the one training reads): class ids, binary labels, finite targets, sample
+weights, and whether the dataset yields anything at all.
+"""
 
 from __future__ import annotations
 
 from typing import Sequence
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from mtl import heads as heads_lib
@@ -149,3 +156,98 @@ def _check_loss_fits_head(task: Task, model, where: str) -> None:
         f"{where}: task {task.name!r}: the loss {given!r} takes probabilities (from_logits=False), "
         f"but its head (mtl.heads.{heads_lib.kind_of(head)}) outputs logits; expected a loss "
         f"on logits: use {fix}.")
+
+
+# ------------------------------------------------------------------------- one batch's values
+def first_batch(dataset: tf.data.Dataset, where: str):
+    """The first element of `dataset`, read by an iterator of its own (the iterator training
+    reads is not touched). Raises UsageError when the dataset yields nothing."""
+    for element in dataset.take(1):
+        return element
+    raise UsageError(f"{where}: the dataset is empty (it yields no batch); expected batches of "
+                     "(features, labels[, sample_weights]).")
+
+
+def check_first_batch(dataset: tf.data.Dataset, tasks: Sequence[Task], model,
+                      where: str = "data") -> None:
+    """Reads one batch of `dataset` and checks its label and sample-weight values (see
+    `check_batch_values`); an empty dataset is an error."""
+    check_batch_values(first_batch(dataset, where), tasks, model, where)
+
+
+def check_batch_values(batch, tasks: Sequence[Task], model, where: str = "data") -> None:
+    """Checks the values of one batch `(features, labels[, sample_weights])` against each
+    task's loss and head. Only examples whose sample weight is > 0 count: a weight of 0 means
+    "no label", and the placeholder label there (-1, NaN) is never read.
+
+      * sample weights: finite and >= 0;
+      * a sparse loss: integer class ids in [0, num_classes) (num_classes: the head's last
+        axis), or the loss's `ignore_class`;
+      * a binary head (`mtl.heads.binary` / `multi_label`): labels 0 or 1; a binary
+        cross-entropy on another head: labels in [0, 1];
+      * a Keras loss (whose value a NaN or infinite label turns into NaN): finite labels. A
+        loss of your own may read NaN as "missing" itself, so its labels are not checked.
+
+    The error names the task, the value, the example's index in the batch and what was
+    expected.
+    """
+    labels = batch[1]
+    weights = batch[2] if len(batch) == 3 else {}
+    outputs = model.output
+    for task in tasks:
+        label = np.asarray(labels[task.label_key])
+        if label.ndim == 0:
+            continue
+        labelled = np.ones(label.shape[0], bool)
+        if task.name in weights:
+            weight = np.asarray(weights[task.name], np.float64).reshape(-1)
+            if weight.shape[0] != label.shape[0]:
+                raise UsageError(f"{where}: task {task.name!r}: the first batch has "
+                                 f"{weight.shape[0]} sample weights for {label.shape[0]} labels; "
+                                 "expected one weight per example.")
+            _first_bad(where, task, "sample weight", weight,
+                       ~(np.isfinite(weight) & (weight >= 0)),
+                       "a finite weight >= 0 (0: the example has no label for this task)")
+            labelled = weight > 0
+        _check_label_values(task, label, labelled, outputs[task.name].shape[-1],
+                            _head_of(model, task.name), where)
+
+
+def _check_label_values(task: Task, label: np.ndarray, labelled: np.ndarray, units, head,
+                        where: str) -> None:
+    mask = labelled.reshape((-1,) + (1,) * (label.ndim - 1))
+    what = f"label {task.label_key!r}"
+    if task.sparse_labels and np.issubdtype(label.dtype, np.integer):
+        ignored = task.ignored_class_id
+        bad = (label < 0) | (label >= units if units is not None else False)
+        if ignored is not None:
+            bad &= label != ignored
+        expected = (f"a class id in [0, {units})" if units is not None else "a class id >= 0")
+        if ignored is not None:
+            expected += f" or {ignored} (ignore_class)"
+        _first_bad(where, task, what, label, bad & mask, expected)
+        return
+    if np.issubdtype(label.dtype, np.floating) and task.is_keras_loss:
+        _first_bad(where, task, what, label, ~np.isfinite(label) & mask,
+                   "a finite number (NaN or inf makes the loss NaN)")
+    if heads_lib.kind_of(head) == "binary":
+        _first_bad(where, task, what, label, ~((label == 0) | (label == 1)) & mask,
+                   "0 or 1 (a binary head predicts one logit per binary label)")
+    elif task.label_kind == "binary":
+        _first_bad(where, task, what, label, ~((label >= 0) & (label <= 1)) & mask,
+                   "a value in [0, 1] (binary cross-entropy)")
+
+
+def _first_bad(where: str, task: Task, what: str, values: np.ndarray, bad: np.ndarray,
+               expected: str) -> None:
+    """Raises naming the first value where `bad` (shaped like `values`) is set."""
+    if not np.any(bad):
+        return
+    index = tuple(int(i) for i in np.argwhere(bad)[0])
+    position = f"example {index[0]}"
+    if int(np.prod(bad.shape[1:])) > 1:  # Several labels per example: which one.
+        position += f", position {index[1:]}"
+    count = int(np.sum(np.any(bad.reshape(bad.shape[0], -1), axis=1)))
+    raise UsageError(
+        f"{where}: task {task.name!r}: {what} is {values[index].item()!r} at {position} of the "
+        f"first batch ({count} example(s) of {bad.shape[0]} affected); expected {expected}.")
