@@ -42,6 +42,36 @@ def task_label_and_weight(task: Task, output: tf.Tensor, labels, sample_weights)
     return label, weight
 
 
+def per_example_task_loss(task: Task, label: tf.Tensor, output: tf.Tensor) -> tf.Tensor:
+    """`task.per_example_loss`, [batch] float32, where a class id out of range gives NaN.
+
+    A sparse task's class ids must lie in [0, num_classes) (num_classes: the output's last
+    axis), or equal the loss's `ignore_class`. The values of the first batch are checked before
+    training (`mtl.validation.check_first_batch`); an id that comes later would make TensorFlow's
+    sparse cross-entropy fail on CPU with a bare `InvalidArgumentError` naming no task (on GPU
+    it gives NaN). Here such an id is read as class 0 and that example's loss set to NaN, so
+    the task's loss is NaN and the step's non-finite guard acts as on any non-finite loss: the
+    update is not applied and `Trainer.fit` stops with "non-finite loss in task(s) [<task>]"
+    (with `on_nonfinite="skip"`, the update is dropped and counted instead). This costs a few
+    element-wise ops on the labels: no assert op, no host round trip, and it works the same
+    under XLA (which drops assert ops) and on every device. Call it with the label of
+    `task_label_and_weight`, whose unlabelled examples (weight 0) hold 0: a placeholder such as
+    -1 there is never read.
+    """
+    if not task.sparse_labels:
+        return task.per_example_loss(label, output)
+    num_classes = output.shape[-1] if output.shape[-1] is not None else tf.shape(output)[-1]
+    ids = tf.cast(label, tf.int64)
+    out_of_range = (ids < 0) | (ids >= tf.cast(num_classes, tf.int64))
+    if task.ignored_class_id is not None:
+        out_of_range &= ids != int(task.ignored_class_id)
+    per_example = task.per_example_loss(tf.where(out_of_range, tf.zeros_like(label), label),
+                                         output)
+    bad_example = tf.reduce_any(tf.reshape(out_of_range, [tf.shape(out_of_range)[0], -1]),
+                                axis=1)  # [batch]
+    return tf.where(bad_example, tf.constant(float("nan"), per_example.dtype), per_example)
+
+
 def local_normalisers(tasks: Sequence[Task], labels, sample_weights, batch_size) -> tf.Tensor:
     """This replica's sum of each task's sample weights, [num_tasks] float32."""
     sums = []
@@ -68,13 +98,15 @@ def compute_task_losses(tasks: Sequence[Task], outputs, labels, sample_weights,
     are exactly the gradient of L_t, however the examples fall across replicas. Without sample
     weights the normaliser is the global batch size: this is `tf.nn.compute_average_loss`. A task
     with no labelled example in the global batch has normaliser 0 and contributes 0
-    (divide_no_nan), never NaN. On one device the share is the loss itself.
+    (divide_no_nan), never NaN. On one device the share is the loss itself. A labelled class id
+    outside [0, num_classes) makes the task's share NaN (`per_example_task_loss`), which the
+    step's non-finite guard reports by the task's name.
     """
     numerators, normalisers = [], []
     for task in tasks:
         output = outputs[task.name]
         label, weight = task_label_and_weight(task, output, labels, sample_weights)
-        per_example = task.per_example_loss(label, output)  # [local batch]
+        per_example = per_example_task_loss(task, label, output)  # [local batch]
         per_example = tf.where(weight > 0, per_example, tf.zeros_like(per_example))
         numerators.append(tf.reduce_sum(weight * per_example))
         normalisers.append(tf.reduce_sum(weight))
@@ -86,12 +118,14 @@ def compute_task_losses(tasks: Sequence[Task], outputs, labels, sample_weights,
 
 def update_metrics(tasks: Sequence[Task], metrics: dict, outputs, labels, sample_weights,
                    loss_trackers: dict | None = None) -> None:
-    """Updates each task's metrics with its labelled examples only (sample weight as weight)."""
+    """Updates each task's metrics with its labelled examples only (sample weight as weight).
+    A labelled class id out of range makes the task's tracked loss NaN (`per_example_task_loss`)
+    rather than an error."""
     for task in tasks:
         output = outputs[task.name]
         label, weight = task_label_and_weight(task, output, labels, sample_weights)
         if loss_trackers is not None:
-            per_example = task.per_example_loss(label, output)
+            per_example = per_example_task_loss(task, label, output)
             per_example = tf.where(weight > 0, per_example, tf.zeros_like(per_example))
             loss_trackers[task.name].update_state(per_example, sample_weight=weight)
         for metric in metrics[task.name]:
