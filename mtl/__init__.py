@@ -4,7 +4,7 @@ A shared backbone feeds several task heads; one compiled step trains all heads a
 head's gradient reaches the shared layers; `tf.distribute` carries the same step to many devices.
 """
 
-from mtl import backbones, data, distribute, heads, weighting
+from mtl import backbones, data, distribute, export, heads, transfer, weighting
 from mtl.config import Config, FineTuning, TrainerOptions, UsageError
 from mtl.model import MultiTaskModel, SharingReport, sharing_report
 from mtl.tasks import Task
@@ -16,6 +16,6 @@ __version__ = "0.1.0"
 __all__ = [
     "CheckpointReadError", "CheckpointWriteError", "Config", "FineTuning", "History",
     "MultiTaskModel", "NonFiniteError", "TrainingStopped", "SharingReport", "Task", "Trainer",
-    "TrainerOptions", "UsageError", "backbones", "data", "distribute", "heads", "sharing_report",
-    "weighting",
+    "TrainerOptions", "UsageError", "backbones", "data", "distribute", "export", "heads",
+    "sharing_report", "transfer", "weighting",
 ]
