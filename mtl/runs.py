@@ -1,12 +1,17 @@
-"""Reading a run folder written by `mtl.experiment.train_and_evaluate`.
+"""Reading a run folder: rebuilding its model, loading its checkpoint, its results and data.
 
     runs/multi_digits/
-      config.json      {"experiment": name, <every Config field>}
+      config.json      {"experiment": name, <every Config field>}   (experiment scripts)
+      model.json       the model's architecture (every Trainer with a model_dir, when the model
+                       can be serialized; written once, by `record_model`)
       checkpoints/     the Trainer's checkpoints
-      results.json     {"step": N, "results": {task: {metric: value}}}
+      results.json     {"step": N, "results": {task: {metric: value}}}   (experiment scripts)
 
-`restore_model(model_dir)` rebuilds the experiment's model from config.json (the experiment script
-is `experiments/<name>.py`, exposing `EXPERIMENT`) and loads the latest checkpoint into it.
+`restore_model(model_dir)` rebuilds the run's model, from model.json when the run has one (the
+architecture exactly as it was trained), else from config.json's experiment (the experiment script
+is `experiments/<name>.py`, exposing `EXPERIMENT`), and loads the newest readable checkpoint into
+it. A run made with the Python API (`mtl.Trainer(model, tasks, optimizer=..., model_dir=...)`)
+has no config.json; its model.json is what makes it exportable.
 """
 
 from __future__ import annotations
@@ -15,43 +20,76 @@ import dataclasses
 import importlib.util
 import json
 import os
+import re
 import sys
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import keras
+import numpy as np
 import tensorflow as tf
+from absl import logging
 
-from mtl import transfer
-from mtl.experiment import Experiment, select_tasks
+from mtl import checkpoints, transfer
 from mtl.config import Config, UsageError
+from mtl.model import MultiTaskModel
 
 EXPERIMENTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                "experiments")
+CONFIG_FILE = "config.json"
+MODEL_FILE = "model.json"
+RESULTS_FILE = "results.json"
+# What model.json holds: `kind` says how the objects make the model.
+_MODEL_FORMAT = "mtl.runs.record_model/1"
+
+
+class RunFolderError(FileNotFoundError, UsageError):
+    """A run folder lacks what is asked of it (config.json, results.json, a checkpoint)."""
+
+
+class UnreadableCheckpointError(checkpoints.CheckpointReadError, UsageError):
+    """The checkpoint asked for, or every checkpoint of a run, cannot be read."""
 
 
 @dataclasses.dataclass
 class RestoredRun:
-    """A run's model with its latest checkpoint loaded."""
+    """A run's model with a checkpoint loaded. `config` is None for a run made with the Python
+    API (no config.json); `experiment` is the experiment that rebuilt the model (None when
+    model.json did)."""
 
     model: keras.Model
-    config: Config
-    experiment: Experiment
+    config: Config | None
+    experiment: object | None  # mtl.experiment.Experiment
     checkpoint: str
     step: int | None
 
 
+# ------------------------------------------------------------------------- config.json
+def has_config(model_dir: str) -> bool:
+    return tf.io.gfile.exists(os.path.join(model_dir, CONFIG_FILE))
+
+
 def read_config(model_dir: str) -> tuple[str, Config]:
     """The experiment name and the `Config` recorded in `<model_dir>/config.json`."""
-    path = os.path.join(model_dir, "config.json")
+    path = os.path.join(model_dir, CONFIG_FILE)
     if not tf.io.gfile.exists(path):
-        raise FileNotFoundError(f"{path} does not exist: {model_dir!r} is not an mtl run folder "
-                                "(train_and_evaluate writes config.json there).")
-    with tf.io.gfile.GFile(path) as f:
-        saved = json.load(f)
+        raise RunFolderError(f"{path} does not exist: {model_dir!r} is not the folder of an "
+                             "experiment run (train_and_evaluate writes config.json there).")
+    saved = _read_json(path)
     name = saved.pop("experiment", None)
     if not name:
         raise UsageError(f"{path} does not say which experiment wrote it (no 'experiment' key).")
     return name, config_from_dict(saved)
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with tf.io.gfile.GFile(path) as f:
+            value = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path} is not readable JSON ({e}).") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"{path} holds a JSON {type(value).__name__}; expected an object.")
+    return value
 
 
 def config_from_dict(values: dict) -> Config:
@@ -63,15 +101,17 @@ def config_from_dict(values: dict) -> Config:
     return Config(**kwargs)
 
 
-def load_experiment(name: str, experiments_dir: str | None = None) -> Experiment:
+def load_experiment(name: str, experiments_dir: str | None = None):
     """`EXPERIMENT` of `<experiments_dir>/<name>.py` (default: the repository's experiments/)."""
+    from mtl.experiment import Experiment
+
     directory = experiments_dir or EXPERIMENTS_DIR
     path = os.path.join(directory, f"{name}.py")
     if not os.path.exists(path):
         available = sorted(f[:-3] for f in os.listdir(directory) if f.endswith(".py")) \
             if os.path.isdir(directory) else []
-        raise FileNotFoundError(f"No experiment script {path}; experiments in {directory}: "
-                                f"{available}.")
+        raise RunFolderError(f"No experiment script {path}; experiments in {directory}: "
+                             f"{available}.")
     module_name = f"mtl_experiment_{name}"
     if module_name not in sys.modules:
         spec = importlib.util.spec_from_file_location(module_name, path)
@@ -88,34 +128,291 @@ def load_experiment(name: str, experiments_dir: str | None = None) -> Experiment
     return experiment
 
 
-def task_names(experiment: Experiment, config: Config) -> list[str]:
+def task_names(experiment, config: Config) -> list[str]:
     """The tasks a run of `experiment` with `config` trained (its `--tasks`, or all)."""
+    from mtl.experiment import select_tasks
+
     return [t.name for t in select_tasks(experiment.tasks(config), config.tasks)]
 
 
+# -------------------------------------------------------------------------- model.json
+def record_model(model_dir: str, model: keras.Model) -> str | None:
+    """Writes the model's architecture to `<model_dir>/model.json` unless the run already has a
+    record; returns its path (None when the model cannot be recorded: a warning says why).
+
+    The `Trainer` calls it on the chief when it has a `model_dir`, after restoring: a folder that
+    holds checkpoints holds them of this model (the Trainer refuses another one). A record left
+    by a run that never wrote a checkpoint is replaced. Only the architecture is written (Keras
+    configs); the weights are the checkpoints'. Never raises: a model that cannot be recorded
+    still trains.
+    """
+    path = os.path.join(model_dir, MODEL_FILE)
+    try:
+        if tf.io.gfile.exists(path) and _has_checkpoint(model_dir):
+            return path
+        record = model_record(model)
+    except Exception as e:  # noqa: BLE001 — any layer's get_config may fail; training goes on.
+        logging.warning("The model's architecture cannot be recorded in %s (%s: %s); "
+                        "scripts/export.py will not be able to rebuild this run's model. "
+                        "Export it from Python with mtl.export.export(model, ...).",
+                        model_dir, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        return None
+    try:
+        tf.io.gfile.makedirs(model_dir)
+        temporary = f"{path}.tmp{os.getpid()}"
+        with tf.io.gfile.GFile(temporary, "w") as f:
+            json.dump(record, f)
+        tf.io.gfile.rename(temporary, path, overwrite=True)
+    except (OSError, tf.errors.OpError) as e:
+        logging.warning("Could not write %s (%s: %s); scripts/export.py will not be able to "
+                        "rebuild this run's model.", path, type(e).__name__, e)
+        return None
+    return path
+
+
+def _has_checkpoint(model_dir: str) -> bool:
+    return bool(tf.io.gfile.glob(os.path.join(model_dir, "checkpoints", "*.index")))
+
+
+class ModelRecordError(UsageError):
+    """A model whose architecture Keras cannot write down, or a record it cannot rebuild."""
+
+
+def model_record(model: keras.Model) -> dict:
+    """The JSON record of a model's architecture (see `rebuild_model`).
+
+    A `MultiTaskModel` is recorded as its parts (backbone and heads, or the task models of
+    `from_models`) and rebuilt through its constructor, so the rebuilt model tracks its variables
+    exactly as the trained one did and restores from its checkpoints. Any other Keras model is
+    recorded whole. Layer objects shared between parts (one `Conv2D` in two task models) stay
+    shared. Raises `ModelRecordError` for classes Keras could not find when rebuilding
+    (custom classes that are not `keras.saving.register_keras_serializable`).
+    """
+    if isinstance(model, MultiTaskModel):
+        if model.backbone is not None:
+            kind, objects = "backbone_heads", {"backbone": model.backbone, **{
+                f"task:{task}": head for task, head in model.heads.items()}}
+        else:
+            kind, objects = "task_models", {f"task:{task}": task_model
+                                            for task, task_model in model.heads.items()}
+    else:
+        kind, objects = "keras", {"model": model}
+    configs = _serialize(objects)
+    missing = sorted(set(_unresolvable_classes(configs)))
+    if missing:
+        raise ModelRecordError(
+            f"Keras cannot rebuild the classes {missing} from their names; register them with "
+            "@keras.saving.register_keras_serializable() in a module that is imported before "
+            "the model is rebuilt.")
+    record = {"format": _MODEL_FORMAT, "kind": kind, "name": model.name,
+              "keras_version": keras.__version__, "objects": configs}
+    json.dumps(record)  # Fails here, not after a partial write, on a value JSON cannot hold.
+    return record
+
+
+def _serialize(objects: Mapping[str, object]) -> dict:
+    """`{key: Keras config}`, with layer objects shared between the objects marked as shared.
+
+    Keras marks a shared object (`shared_object_id`) inside an `ObjectSharingScope` only from its
+    second appearance on; serialising everything twice in one scope marks every appearance. Only
+    layers that really appear in several objects keep the mark (their ids are unique: they are
+    alive throughout)."""
+    try:
+        from keras.src.saving.serialization_lib import ObjectSharingScope
+    except ImportError:  # A Keras without it: shared layers are not recorded as shared.
+        return {key: keras.saving.serialize_keras_object(obj) for key, obj in objects.items()}
+    seen: dict[int, int] = {}
+    for obj in objects.values():
+        for layer_id in {id(layer) for layer in _layers(obj)}:
+            seen[layer_id] = seen.get(layer_id, 0) + 1
+    shared = {layer_id for layer_id, count in seen.items() if count > 1}
+    with ObjectSharingScope():
+        for obj in objects.values():
+            keras.saving.serialize_keras_object(obj)
+        configs = {key: keras.saving.serialize_keras_object(obj) for key, obj in objects.items()}
+    _keep_shared_marks(configs, shared)
+    return configs
+
+
+def _layers(obj) -> list:
+    flatten = getattr(obj, "_flatten_layers", None)
+    return list(flatten(include_self=True, recursive=True)) if flatten else [obj]
+
+
+def _keep_shared_marks(value, shared: set) -> None:
+    if isinstance(value, dict):
+        if value.get("shared_object_id") is not None and value["shared_object_id"] not in shared:
+            del value["shared_object_id"]
+        for item in value.values():
+            _keep_shared_marks(item, shared)
+    elif isinstance(value, list):
+        for item in value:
+            _keep_shared_marks(item, shared)
+
+
+def _unresolvable_classes(value) -> list[str]:
+    """Classes in a Keras config that deserialisation would not find: neither Keras's own nor
+    registered (Keras does not import other modules when it rebuilds)."""
+    found = []
+    if isinstance(value, dict):
+        module, registered = value.get("module"), value.get("registered_name")
+        if "class_name" in value and "config" in value and not (
+                module in ("keras", "builtins") or (module or "").startswith("keras.")):
+            if keras.saving.get_registered_object(registered or value["class_name"]) is None:
+                found.append(f"{module or '__main__'}.{value['class_name']}")
+        for item in value.values():
+            found.extend(_unresolvable_classes(item))
+    elif isinstance(value, list):
+        for item in value:
+            found.extend(_unresolvable_classes(item))
+    return found
+
+
+def read_model_record(model_dir: str) -> dict | None:
+    """`<model_dir>/model.json`, or None when the run has none."""
+    path = os.path.join(model_dir, MODEL_FILE)
+    if not tf.io.gfile.exists(path):
+        return None
+    record = _read_json(path)
+    if record.get("format") != _MODEL_FORMAT:
+        raise UsageError(f"{path} is not a model record this version of mtl reads (format "
+                         f"{record.get('format')!r}, expected {_MODEL_FORMAT!r}).")
+    return record
+
+
+def rebuild_model(record: dict, where: str = MODEL_FILE) -> keras.Model:
+    """The model `model_record` recorded, with fresh weights."""
+    try:
+        from keras.src.saving.serialization_lib import ObjectSharingScope
+        scope = ObjectSharingScope()
+    except ImportError:
+        import contextlib
+
+        scope = contextlib.nullcontext()
+    try:
+        with scope:
+            objects = {key: keras.saving.deserialize_keras_object(config)
+                       for key, config in record["objects"].items()}
+    except (TypeError, ValueError, KeyError) as e:
+        raise ModelRecordError(f"Cannot rebuild the model recorded in {where}: "
+                                 f"{type(e).__name__}: {str(e).splitlines()[0]}") from None
+    tasks = {key[len("task:"):]: obj for key, obj in objects.items() if key.startswith("task:")}
+    if record["kind"] == "backbone_heads":
+        return MultiTaskModel(objects["backbone"], tasks, name=record["name"])
+    if record["kind"] == "task_models":
+        return MultiTaskModel.from_models(tasks, name=record["name"])
+    return objects["model"]
+
+
+# ---------------------------------------------------------------------------- restoring
 def restore_model(model_dir: str, *, experiments_dir: str | None = None,
                   checkpoint: str | None = None) -> RestoredRun:
-    """Rebuilds the run's model and loads its latest checkpoint (or `checkpoint`).
+    """Rebuilds the run's model and loads its newest readable checkpoint (or `checkpoint`).
 
-    Only the model is read (`expect_partial`: optimizer and loop state are skipped); every model
-    variable must be found in the checkpoint. The model is built under the run's precision policy
-    (the global policy is put back afterwards).
+    The model comes from model.json when the run has one, else from config.json's experiment
+    (built under the run's precision policy; the global policy is put back afterwards). Only the
+    model is read from the checkpoint (`expect_partial`: optimizer and loop state are skipped);
+    every model variable must be found in it. A truncated or corrupt newest checkpoint is skipped
+    with a warning, as a resumed run does; a named `checkpoint` that cannot be read is an error.
     """
-    name, config = read_config(model_dir)
-    experiment = load_experiment(name, experiments_dir)
-    path = transfer.resolve_checkpoint(checkpoint or model_dir)
+    if not tf.io.gfile.isdir(model_dir):
+        raise RunFolderError(f"Run folder {model_dir!r} does not exist.")
+    record = read_model_record(model_dir)
+    config = experiment = None
+    if has_config(model_dir):
+        name, config = read_config(model_dir)
+        if record is None:  # The experiment script is needed only to rebuild the model.
+            experiment = load_experiment(name, experiments_dir)
+    elif record is None:
+        raise RunFolderError(
+            f"Cannot rebuild the model of {model_dir!r}: it has neither {CONFIG_FILE} (written "
+            f"by experiment scripts) nor {MODEL_FILE} (written by mtl.Trainer(model_dir=...) "
+            "when it starts, if Keras can serialize the model; when it cannot, training logged "
+            "a warning saying why). Rebuild the model in Python, restore it with "
+            "tf.train.Checkpoint(model=model).restore(path).expect_partial() and call "
+            "mtl.export.export(model, ...).")
+    path = readable_checkpoint(checkpoint or model_dir)
+    if record is not None:
+        model = rebuild_model(record, os.path.join(model_dir, MODEL_FILE))
+    else:
+        model = _experiment_model(experiment, config)
+    status = tf.train.Checkpoint(model=model).restore(path).expect_partial()
+    try:
+        status.assert_existing_objects_matched()
+    except AssertionError as e:
+        raise UsageError(f"The model rebuilt for {model_dir!r} does not match checkpoint {path}: "
+                         f"{str(e).splitlines()[0]}") from None
+    return RestoredRun(model=model, config=config, experiment=experiment, checkpoint=path,
+                       step=checkpoint_step(path))
+
+
+def _experiment_model(experiment, config: Config) -> keras.Model:
     previous = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy(
         {"none": "float32", "float16": "mixed_float16", "bfloat16": "mixed_bfloat16"}[
             config.mixed_precision])
     try:
-        model = experiment.model(config, task_names(experiment, config))
+        return experiment.model(config, task_names(experiment, config))
     finally:
         keras.mixed_precision.set_global_policy(previous)
-    tf.train.Checkpoint(model=model).restore(path).expect_partial() \
-        .assert_existing_objects_matched()
-    return RestoredRun(model=model, config=config, experiment=experiment, checkpoint=path,
-                       step=checkpoint_step(path))
+
+
+def checkpoint_candidates(directory: str) -> list[str]:
+    """The checkpoints in `directory`, newest first: those the `checkpoint` index lists and every
+    `<prefix>-<N>.index` found in the folder (the index may be stale or unreadable)."""
+    paths = set()
+    try:
+        state = tf.train.get_checkpoint_state(directory)
+    except Exception:  # noqa: BLE001 — an unreadable index: the folder scan below still works.
+        state = None
+    if state is not None:
+        for path in state.all_model_checkpoint_paths:
+            path = path if os.path.isabs(path) else os.path.join(directory, path)
+            if tf.io.gfile.exists(path + ".index"):
+                paths.add(os.path.normpath(path))
+    for index in tf.io.gfile.glob(os.path.join(directory, "*.index")):
+        paths.add(os.path.normpath(index[:-len(".index")]))
+
+    def number(path):
+        match = re.search(r"-(\d+)$", path)
+        return int(match.group(1)) if match else -1
+
+    return sorted(paths, key=lambda p: (number(p), p), reverse=True)
+
+
+def readable_checkpoint(source: str) -> str:
+    """The newest checkpoint of `source` (a run folder, a checkpoints folder or a checkpoint
+    prefix) whose every tensor can be read.
+
+    Newer unreadable checkpoints of a folder are skipped with a warning naming them; a prefix
+    that cannot be read, or a folder with no readable checkpoint, raises
+    `UnreadableCheckpointError` naming each file and what is wrong with it.
+    """
+    source = os.fspath(source)
+    if tf.io.gfile.isdir(source):
+        directory = os.path.join(source, "checkpoints")
+        directory = directory if tf.io.gfile.isdir(directory) else source
+        candidates = checkpoint_candidates(directory)
+        if not candidates:
+            raise RunFolderError(f"No checkpoint in {source!r}: expected an mtl run folder (with "
+                                 "checkpoints/ inside) or a folder of checkpoints.")
+    else:
+        candidates = [transfer.resolve_checkpoint(source)]
+    problems = []
+    for path in candidates:
+        try:
+            checkpoints.read_all(path)
+        except (tf.errors.OpError, ValueError, OSError, IndexError, RuntimeError) as e:
+            problem = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            problems.append(f"{path}: {problem}")
+            logging.warning("Checkpoint %s is unreadable (%s); trying the previous one.",
+                            path, problem)
+            continue
+        if problems:
+            logging.warning("Using %s because newer checkpoints are unreadable: %s", path,
+                            "; ".join(problems))
+        return path
+    raise UnreadableCheckpointError("No readable checkpoint: " + "; ".join(problems) + ".")
 
 
 def checkpoint_step(path: str) -> int | None:
@@ -125,14 +422,14 @@ def checkpoint_step(path: str) -> int | None:
     return int(reader.get_tensor(key)) if reader.has_tensor(key) else None
 
 
+# ----------------------------------------------------------------------- results, data
 def read_results(model_dir: str) -> dict:
     """`<model_dir>/results.json`: {"step": N, "results": {task: {metric: value}}}."""
-    path = os.path.join(model_dir, "results.json")
+    path = os.path.join(model_dir, RESULTS_FILE)
     if not tf.io.gfile.exists(path):
-        raise FileNotFoundError(f"{path} does not exist: the run in {model_dir!r} has not "
-                                "finished (train_and_evaluate writes results.json at the end).")
-    with tf.io.gfile.GFile(path) as f:
-        results = json.load(f)
+        raise RunFolderError(f"{path} does not exist: the run in {model_dir!r} has not "
+                             "finished (train_and_evaluate writes results.json at the end).")
+    results = _read_json(path)
     if not isinstance(results.get("results"), dict):
         raise UsageError(f"{path} has no 'results' dict {{task: {{metric: value}}}}.")
     return results
@@ -141,9 +438,45 @@ def read_results(model_dir: str) -> dict:
 def eval_batch(model_dir: str, num_examples: int, *, experiments_dir: str | None = None,
                tasks: Sequence[str] | None = None):
     """The first `num_examples` examples of the run's eval data: (features, labels)."""
+    if not has_config(model_dir):
+        raise RunFolderError(f"{model_dir!r} has no {CONFIG_FILE}: only the runs of experiment "
+                             "scripts say which data they were trained and evaluated on. Pass "
+                             "inputs of your own instead.")
     name, config = read_config(model_dir)
     experiment = load_experiment(name, experiments_dir)
     config = dataclasses.replace(config, eval_batch_size=num_examples)
     names = list(tasks) if tasks else task_names(experiment, config)
     element = next(iter(experiment.eval_data(config, names)))
     return element[0], element[1]
+
+
+def detect_image_scaling(model_dir: str, *, experiments_dir: str | None = None,
+                         num_examples: int = 32) -> dict[str, str]:
+    """How the run's data pipeline turned integer pixels into its float images, read off its
+    own eval data: `{input name: "unit_interval"}` for every float image input (rank >= 3 with
+    the batch axis) whose values are all k / 255 for integers k in 0..255 (what
+    `mtl.data.pipeline.to_float_image` makes of uint8 images). Inputs scaled otherwise
+    (standardised with a mean and std, for instance) are left out; so is everything when the run
+    has no config.json or its data cannot be read (with a warning)."""
+    from mtl import export
+
+    if not has_config(model_dir):
+        return {}
+    try:
+        features, _ = eval_batch(model_dir, num_examples, experiments_dir=experiments_dir)
+    except Exception as e:  # noqa: BLE001 — an export does not need the data; say why.
+        logging.warning("Could not read the eval data of %s to tell how it scaled images (%s: "
+                        "%s); the export records no image scaling, and predict refuses integer "
+                        "pixels.", model_dir, type(e).__name__, str(e).splitlines()[0])
+        return {}
+    named = features if isinstance(features, Mapping) else {export.SINGLE_INPUT: features}
+    found = {}
+    for name, value in named.items():
+        values = np.asarray(value)
+        if values.dtype.kind != "f" or values.ndim < 3 or not values.size:
+            continue
+        levels = values.astype(np.float64) * 255.0
+        if values.min() >= 0.0 and values.max() <= 1.0 and \
+                np.abs(levels - np.round(levels)).max() < 1e-3:
+            found[name] = export.UNIT_INTERVAL
+    return found

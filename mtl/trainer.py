@@ -134,6 +134,7 @@ class Trainer:
                                 micro_batches=self.options.grad_accum_steps,
                                 checkpoint_input=self.options.checkpoint_input)
         self.restore()
+        if model_dir and self.is_chief: from mtl import runs; runs.record_model(model_dir, model)
         self._maybe_unfreeze()
 
     # ------------------------------------------------------------------------- construction

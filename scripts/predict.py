@@ -6,7 +6,11 @@
     python scripts/predict.py --export_dir=exported/left --model_dir=runs/multi_digits \\
         --num_examples=8          # the first 8 examples of the run's eval data, with labels
 
---input: a .npy array (a single-input model) or a .npz file with one array per input name.
+--input: a .npy array (a single-input model) or a .npz file with one array per input name. The
+inputs are checked against the signature (rank, shape, dtype) before anything runs; integer
+pixels (uint8 0..255) are converted to the model's float images only where the export recorded
+how training scaled them (export.json's image_scaling: "unit_interval" is x / 255). Bad input
+prints `error: ...` with the expected and the given shape and dtype, and exits with status 2.
 """
 
 from __future__ import annotations
@@ -15,14 +19,17 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import argparse  # noqa: E402
 import sys  # noqa: E402
+import zipfile  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from mtl import cli  # noqa: E402
+from mtl.config import UsageError  # noqa: E402
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+
+def parse_args(argv=None):
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--export_dir", required=True,
                         help="A SavedModel folder: <export_dir>/<task> or <export_dir>/joint.")
     parser.add_argument("--signature", default="serving_default",
@@ -37,18 +44,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     if (args.input is None) == (args.num_examples is None):
         parser.error("give either --input=FILE or --num_examples=N (with --model_dir).")
     if args.num_examples is not None and (args.num_examples < 1 or not args.model_dir):
-        parser.error("--num_examples needs a value >= 1 and --model_dir.")
+        parser.error(f"--num_examples needs a value >= 1 (got {args.num_examples}) and "
+                     "--model_dir.")
     return args
 
 
 def read_inputs(path: str):
-    """An array from a .npy file, or {name: array} from a .npz file."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"--input {path!r} does not exist.")
-    data = np.load(path)
-    if isinstance(data, np.ndarray):
-        return data
-    return {name: data[name] for name in data.files}
+    """An array from a .npy file, or {name: array} from a .npz file; a file that is neither
+    (or holds Python objects, or is cut short) is a `UsageError` naming it."""
+    if not os.path.isfile(path):
+        raise UsageError(f"--input {path!r} " + ("is a folder; expected a .npy or .npz file."
+                                                 if os.path.isdir(path) else "does not exist."))
+    expected = ("expected an array saved with numpy.save (.npy) or numpy.savez (.npz) holding "
+                "numbers")
+    try:
+        data = np.load(path, allow_pickle=False)
+        if isinstance(data, np.ndarray):
+            return data
+        with data:
+            return {name: data[name] for name in data.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        with open(path, "rb") as f:
+            start = f.read(16)
+        raise UsageError(f"--input {path!r} cannot be read as a NumPy file ({e}; it starts with "
+                         f"{start!r}); {expected}.") from None
 
 
 def format_outputs(outputs: dict, labels: dict | None = None) -> str:
@@ -64,29 +83,32 @@ def format_outputs(outputs: dict, labels: dict | None = None) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def run(argv=None) -> int:
+    """Predicts; user errors raise `mtl.UsageError`."""
     args = parse_args(argv)
     from mtl import export
 
     labels = None
-    try:
-        loaded = export.load(args.export_dir)
-        if args.input is not None:
-            inputs = read_inputs(args.input)
-        else:
-            from mtl import runs
+    if args.input is not None:
+        inputs = read_inputs(args.input)  # Before the model loads: a bad file fails fast.
+    loaded = export.load(args.export_dir)
+    if args.input is None:
+        from mtl import runs
 
-            inputs, labels = runs.eval_batch(args.model_dir, args.num_examples,
-                                             experiments_dir=args.experiments_dir)
-            inputs = np.asarray(inputs) if not isinstance(inputs, dict) else {
-                k: np.asarray(v) for k, v in inputs.items()}
-            labels = {k: np.asarray(v) for k, v in labels.items()}
-        outputs = export.predict(loaded, inputs, signature=args.signature)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        inputs, labels = runs.eval_batch(args.model_dir, args.num_examples,
+                                         experiments_dir=args.experiments_dir)
+        inputs = np.asarray(inputs) if not isinstance(inputs, dict) else {
+            k: np.asarray(v) for k, v in inputs.items()}
+        labels = {k: np.asarray(v) for k, v in labels.items()}
+    scaling = export.read_info(args.export_dir).get("image_scaling")
+    outputs = export.predict(loaded, inputs, signature=args.signature, image_scaling=scaling)
     print(format_outputs(outputs, labels))
     return 0
+
+
+def main(argv=None) -> int:
+    """`run`, with a user error printed as `error: ...` and exit status 2."""
+    return cli.exit_status(run, argv)
 
 
 if __name__ == "__main__":
