@@ -291,20 +291,24 @@ class Report:
 def write_report(mtl_dir: str, stl_dirs: Mapping[str, str], out_dir: str, *,
                  metrics: Mapping[str, Sequence[str]] | None = None,
                  directions: Mapping[str, str] | None = None, plots: bool = True) -> Report:
-    """Reads the runs, writes report.md, report.json and the curves into `out_dir`."""
+    """Reads the runs, writes report.md, report.json and the curves into `out_dir`.
+
+    Refused before anything is written (`UsageError`): an `out_dir` under a file, a baseline
+    that is not a single-task run, a task the runs do not have, runs trained for different
+    numbers of steps (their results.json "step").
+    """
+    check_out_dir(out_dir)
     mtl_run = read_run(mtl_dir, "MTL")
     stl_runs = {task: read_run(path, f"STL {task}") for task, path in stl_dirs.items()}
-    for task, run in stl_runs.items():
-        if task not in run.results:
-            raise UsageError(f"--stl={task}:{run.model_dir}: that run has no results for task "
-                             f"{task!r}; its tasks are {list(run.results)}.")
-        if task not in mtl_run.results:
-            raise UsageError(f"--stl names task {task!r}, which the MTL run {mtl_dir} does not "
-                             f"have; its tasks are {list(mtl_run.results)}.")
+    check_comparable(mtl_run, stl_runs)
     delta = delta_m(mtl_run.results, {t: r.results[t] for t, r in stl_runs.items()},
                     metrics=metrics, directions=directions)
     text = markdown(delta, mtl_run, stl_runs)
-    tf.io.gfile.makedirs(out_dir)
+    try:
+        tf.io.gfile.makedirs(out_dir)
+    except (OSError, tf.errors.OpError) as e:
+        raise UsageError(f"Cannot create the report folder {out_dir!r} ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}).") from None
     files, notes = [], []
     path = os.path.join(out_dir, "report.md")
     with tf.io.gfile.GFile(path, "w") as f:
@@ -314,7 +318,7 @@ def write_report(mtl_dir: str, stl_dirs: Mapping[str, str], out_dir: str, *,
     with tf.io.gfile.GFile(path, "w") as f:
         json.dump({"delta_m": delta.value, "per_task": delta.per_task,
                    "rows": [dataclasses.asdict(r) for r in delta.rows],
-                   "mtl": mtl_dir, "stl": dict(stl_dirs)}, f, indent=2)
+                   "mtl": mtl_dir, "stl": dict(stl_dirs), "step": mtl_run.step}, f, indent=2)
     files.append(path)
     if plots:
         plotted = plot_curves(mtl_run, stl_runs, out_dir)
@@ -323,3 +327,36 @@ def write_report(mtl_dir: str, stl_dirs: Mapping[str, str], out_dir: str, *,
         else:
             files.extend(plotted)
     return Report(delta=delta, markdown=text, files=files, notes=notes)
+
+
+def check_out_dir(out_dir: str) -> None:
+    """Refuses a report folder that is, or lies under, an existing file."""
+    path = os.path.abspath(out_dir)
+    while not tf.io.gfile.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    if tf.io.gfile.exists(path) and not tf.io.gfile.isdir(path):
+        where = "is" if path == os.path.abspath(out_dir) else "lies under"
+        raise UsageError(f"The report folder {out_dir!r} {where} the file {path}; choose a "
+                         "folder.")
+
+
+def check_comparable(mtl_run: RunLogs, stl_runs: Mapping[str, RunLogs]) -> None:
+    """Each baseline is a single-task run of a task the MTL run has, trained for as many steps
+    as the MTL run (a run whose results.json records no step is not checked)."""
+    for task, run in stl_runs.items():
+        if len(run.results) > 1:
+            raise UsageError(f"--stl={task}:{run.model_dir} is not a single-task run: it trained "
+                             f"{len(run.results)} tasks {list(run.results)}. A baseline trains "
+                             f"one task (e.g. --tasks={task}).")
+        if task not in run.results:
+            raise UsageError(f"--stl={task}:{run.model_dir}: that run has no results for task "
+                             f"{task!r}; its tasks are {list(run.results)}.")
+        if task not in mtl_run.results:
+            raise UsageError(f"--stl names task {task!r}, which the MTL run {mtl_run.model_dir} "
+                             f"does not have; its tasks are {list(mtl_run.results)}.")
+        if None not in (run.step, mtl_run.step) and run.step != mtl_run.step:
+            raise UsageError(
+                f"Runs trained for different numbers of steps cannot be compared: the MTL run "
+                f"{mtl_run.model_dir} ended at step {mtl_run.step}, the single-task run of "
+                f"{task!r} {run.model_dir} at step {run.step}. Train them for the same number "
+                "of steps (scripts/run_baselines.py passes the same flags to every run).")

@@ -6,6 +6,9 @@
 
 Prints the Markdown table and writes report.md, report.json and (with matplotlib installed)
 curves_<task>.png into --out. Δm > 0: the multi-task model beats the baselines on average.
+Refused, before anything is written: a baseline run that trained more than one task, and runs
+trained for different numbers of steps (Δm compares equal training budgets). Bad input prints
+`error: ...` and exits with status 2.
 """
 
 from __future__ import annotations
@@ -14,8 +17,10 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import argparse  # noqa: E402
 import sys  # noqa: E402
+
+from mtl import cli  # noqa: E402
+from mtl.config import UsageError  # noqa: E402
 
 
 def parse_stl(values) -> dict[str, str]:
@@ -24,16 +29,16 @@ def parse_stl(values) -> dict[str, str]:
     for value in values or ():
         task, sep, path = value.partition(":")
         if not sep or not task or not path:
-            raise ValueError(f"--stl={value!r}: expected TASK:RUN_FOLDER, e.g. "
+            raise UsageError(f"--stl={value!r}: expected TASK:RUN_FOLDER, e.g. "
                              "--stl=left:runs/md/stl_left.")
         if task in runs:
-            raise ValueError(f"--stl names task {task!r} twice.")
+            raise UsageError(f"--stl names task {task!r} twice.")
         runs[task] = path
     return runs
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(argv=None):
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mtl", required=True, help="The multi-task run folder.")
     parser.add_argument("--stl", action="append", default=[], metavar="TASK:RUN",
                         help="A single-task baseline run for TASK (repeat per task).")
@@ -52,31 +57,33 @@ def _pairs(values, flag) -> list[tuple[str, str]]:
     for value in values:
         key, sep, rest = value.partition(":")
         if not sep or not key or not rest:
-            raise ValueError(f"--{flag}={value!r}: expected two parts separated by ':'.")
+            raise UsageError(f"--{flag}={value!r}: expected two parts separated by ':'.")
         pairs.append((key, rest))
     return pairs
 
 
-def main(argv=None) -> int:
+def run(argv=None) -> int:
+    """Writes the report; user errors raise `mtl.UsageError`."""
     args = parse_args(argv)
     from mtl import report
 
-    try:
-        stl = parse_stl(args.stl)
-        metrics = {}
-        for task, metric in _pairs(args.metric, "metric"):
-            metrics.setdefault(task, []).append(metric)
-        directions = dict(_pairs(args.direction, "direction"))
-        result = report.write_report(args.mtl, stl, args.out, metrics=metrics or None,
-                                     directions=directions or None, plots=not args.no_plots)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    stl = parse_stl(args.stl)
+    metrics = {}
+    for task, metric in _pairs(args.metric, "metric"):
+        metrics.setdefault(task, []).append(metric)
+    directions = dict(_pairs(args.direction, "direction"))
+    result = report.write_report(args.mtl, stl, args.out, metrics=metrics or None,
+                                 directions=directions or None, plots=not args.no_plots)
     print(result.markdown)
     for note in result.notes:
         print(note)
     print("Wrote " + ", ".join(result.files))
     return 0
+
+
+def main(argv=None) -> int:
+    """`run`, with a user error printed as `error: ...` and exit status 2."""
+    return cli.exit_status(run, argv)
 
 
 if __name__ == "__main__":

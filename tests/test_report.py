@@ -167,6 +167,46 @@ def test_report_script(runs_dirs, tmp_path, capsys):
     assert "expected TASK:RUN_FOLDER" in capsys.readouterr().err
 
 
+def test_report_refuses_runs_that_cannot_be_compared(runs_dirs, tmp_path, capsys):
+    import shutil
+
+    mtl_dir, stl_dir = runs_dirs
+    script = _load_script("report")
+    out = tmp_path / "report"
+
+    # A "single-task" baseline that trained three tasks.
+    assert script.main([f"--mtl={mtl_dir}", f"--stl=left:{mtl_dir}", f"--out={out}"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: --stl=left:{mtl_dir} is not a single-task run: it trained 3 tasks ['left', "
+        "'right', 'sum']. A baseline trains one task (e.g. --tasks=left).\n")
+
+    # A baseline trained for 8 steps against the MTL run's 4.
+    longer = tmp_path / "stl_longer"
+    shutil.copytree(stl_dir, longer)
+    results = json.loads((longer / "results.json").read_text())
+    (longer / "results.json").write_text(json.dumps({**results, "step": 8}))
+    assert script.main([f"--mtl={mtl_dir}", f"--stl=left:{longer}", f"--out={out}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: Runs trained for different numbers of steps cannot be "
+                          f"compared: the MTL run {mtl_dir} ended at step 4, the single-task "
+                          f"run of 'left' {longer} at step 8.")
+    with pytest.raises(ValueError, match="different numbers of steps"):  # The API too.
+        report.write_report(mtl_dir, {"left": str(longer)}, str(out))
+
+    # --out under a file: refused before any run is read.
+    (tmp_path / "notes.txt").write_text("x")
+    assert script.main([f"--mtl={mtl_dir}", f"--stl=left:{stl_dir}",
+                        f"--out={tmp_path / 'notes.txt' / 'report'}"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: The report folder {str(tmp_path / 'notes.txt' / 'report')!r} lies under the "
+        f"file {tmp_path / 'notes.txt'}; choose a folder.\n")
+    assert not out.exists()  # Nothing was written by a refused report.
+
+    # A folder that is not a finished run.
+    assert script.main([f"--mtl={tmp_path}", f"--stl=left:{stl_dir}", f"--out={out}"]) == 2
+    assert "results.json does not exist" in capsys.readouterr().err
+
+
 def test_run_baselines_plans_one_run_per_task_then_the_multi_task_run():
     script = _load_script("run_baselines")
     assert script.experiment_tasks("multi_digits", script.parse_args(
