@@ -35,7 +35,9 @@ that a change in the machine's load falls on all of them alike.
     python scripts/benchmark.py --variants=step_cost              # K and mode costs vs the floor
     python scripts/benchmark.py --strategy=mirrored --num_gpus=2  # on a GPU workstation
 
-Absolute times depend on the machine and its load; compare ratios from one run.
+Absolute times depend on the machine and its load; compare ratios from one run. A flag value
+that is not known (a task, a weighting method, a variant, a backbone, a strategy) prints
+`error: ...` and exits with status 2 before anything is built.
 """
 
 import os
@@ -48,31 +50,65 @@ import time  # noqa: E402
 
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
 import mtl  # noqa: E402
+from mtl import cli  # noqa: E402
 from mtl.data import multi_digits  # noqa: E402
 
+TASKS = ("left", "right", "sum")
+VARIANTS = ("mtl", "mtl/steps_per_loop=1", "mtl/steps_per_loop=N", "mtl/jit_compile",
+            "mtl/bfloat16", "mtl/float16", "mtl/grad_accum", "keras_fit", "keras_fit/spe=10",
+            "naive_per_task", "bare_step", "mtl/pipeline")
+
 FLAGS = flags.FLAGS
-flags.DEFINE_string("backbone", "small_cnn", "Backbone builder.")
-flags.DEFINE_list("tasks", ["left", "right", "sum"], "multi_digits tasks.")
-flags.DEFINE_integer("batch_size", 64, "Global batch size.")
-flags.DEFINE_integer("steps", 50, "Timed steps per repetition.")
-flags.DEFINE_integer("repeats", 5, "Timed repetitions (the median is reported).")
-flags.DEFINE_integer("steps_per_loop", 50, "N for mtl/steps_per_loop=N and the knob variants.")
-flags.DEFINE_list("variants", ["mtl", "mtl/steps_per_loop=1", "mtl/steps_per_loop=N",
-                               "mtl/jit_compile", "mtl/bfloat16", "mtl/float16",
-                               "mtl/grad_accum", "keras_fit", "keras_fit/spe=10",
-                               "naive_per_task", "bare_step", "mtl/pipeline"],
-                  "Variants to run.")
+flags.DEFINE_enum("backbone", "small_cnn", sorted(mtl.backbones.BUILDERS), "Backbone builder.")
+flags.DEFINE_list("tasks", list(TASKS), "multi_digits tasks.")
+flags.DEFINE_integer("batch_size", 64, "Global batch size.", lower_bound=1)
+flags.DEFINE_integer("steps", 50, "Timed steps per repetition.", lower_bound=1)
+flags.DEFINE_integer("repeats", 5, "Timed repetitions (the median is reported).", lower_bound=1)
+flags.DEFINE_integer("steps_per_loop", 50, "N for mtl/steps_per_loop=N and the knob variants.",
+                     lower_bound=1)
+flags.DEFINE_list("variants", list(VARIANTS), "Variants to run ('step_cost': the cost of one "
+                  "semantics; weighting/<method>/<exact|rep>[/K=2]: one method).")
 flags.DEFINE_list("weighting", [], "Weighting methods to time ('all' for every method).")
-flags.DEFINE_string("strategy", "default", "Distribution strategy name.")
-flags.DEFINE_integer("num_gpus", None, "GPUs for --strategy=mirrored.")
-flags.DEFINE_integer("cpu_replicas", None, "Logical CPU replicas for --strategy=mirrored.")
+flags.DEFINE_enum("strategy", "default", mtl.distribute.STRATEGIES, "Distribution strategy name.")
+flags.DEFINE_integer("num_gpus", None, "GPUs for --strategy=mirrored.", lower_bound=1)
+flags.DEFINE_integer("cpu_replicas", None, "Logical CPU replicas for --strategy=mirrored.",
+                     lower_bound=1)
 flags.DEFINE_string("data_dir", None, "TFDS data folder.")
 flags.DEFINE_string("out", "benchmark_results/benchmark.json", "Where to write the JSON table.")
 
 CE = keras.losses.SparseCategoricalCrossentropy
+
+
+def _weighting_variant(name: str):
+    """(method, mode, K) of `weighting/<method>/<exact|rep>[/K=2]`, else None."""
+    parts = name.split("/")
+    if parts[0] == "weighting" and len(parts) in (3, 4) and parts[1] in mtl.weighting.METHODS \
+            and parts[2] in ("exact", "rep") and parts[3:] in ([], ["K=2"]):
+        return parts[1], parts[2], 2 if parts[3:] == ["K=2"] else 1
+    return None
+
+
+def _validate_list(flag: str, known, expected: str) -> None:
+    """Refuses, when the flags are parsed, a value of list flag `flag` that `known` rejects."""
+    def check(values):
+        unknown = [v for v in values if not known(v)]
+        if unknown:
+            raise flags.ValidationError(f"unknown value {unknown[0]!r}; expected {expected}")
+        return True
+
+    flags.register_validator(flag, check)
+
+
+_validate_list("tasks", lambda v: v in TASKS, f"some of {list(TASKS)}")
+_validate_list("weighting", lambda v: v == "all" or v in mtl.weighting.METHODS,
+               f"'all' or some of {sorted(mtl.weighting.METHODS)}")
+_validate_list("variants", lambda v: v in VARIANTS or v == "step_cost"
+               or _weighting_variant(v) is not None,
+               f"'step_cost', or some of {list(VARIANTS)} and weighting/<method>/<exact|rep>"
+               "[/K=2]")
 
 
 def task_specs():
@@ -231,15 +267,15 @@ def main(argv):
     warmups = {"mtl/pipeline": 12_000 // batch + 10}
     names = STEP_COST if FLAGS.variants == ["step_cost"] else list(FLAGS.variants)
     for name in names:
-        parts = name.split("/")
-        if parts[0] == "weighting" and len(parts) in (3, 4) and parts[1] in mtl.weighting.METHODS:
-            k = 2 if parts[3:] == ["K=2"] else 1
-            builders[name] = (lambda m=parts[1], g=parts[2], k=k: mtl_variant(
+        parsed = _weighting_variant(name)
+        if parsed is not None:
+            method, mode, k = parsed
+            builders[name] = (lambda m=method, g=mode, k=k: mtl_variant(
                 strategy, in_memory_data(batch // k), weighting=m, gradient_mode=g,
                 steps_per_loop=n, grad_accum_steps=k))
     unknown = [v for v in names if v not in builders]
     if unknown:
-        raise app.UsageError(f"Unknown variant {unknown[0]!r}; choose from {sorted(builders)}.")
+        raise mtl.UsageError(f"Unknown variant {unknown[0]!r}; choose from {sorted(builders)}.")
     methods = sorted(mtl.weighting.METHODS) if FLAGS.weighting == ["all"] else FLAGS.weighting
     for method in methods:
         cls = mtl.weighting.METHODS[method]
@@ -294,4 +330,4 @@ def format_table(results) -> str:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

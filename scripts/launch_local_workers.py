@@ -8,7 +8,9 @@ multi-worker training (`--strategy=multi_worker`) without a cluster.
 Every worker gets the same command; ports are free ports on 127.0.0.1 picked by the OS; each
 output line is prefixed with `[worker i]`. If a worker fails, the others are killed (a worker
 whose peer is gone can hang in collective ops and ignore SIGTERM, so SIGKILL follows after a
-grace period). The exit status is the first non-zero worker status, or 0.
+grace period). The exit status is the first non-zero worker status, or 0; bad input (a command
+that is not an executable, --num_workers < 1) prints `error: ...` and exits with status 2 before
+any worker starts.
 """
 
 from __future__ import annotations
@@ -16,12 +18,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+
+from mtl import cli
+from mtl.config import UsageError
 
 
 def free_ports(n: int) -> list[int]:
@@ -54,16 +60,22 @@ def _pump(index: int, stream, out) -> None:
 def launch(command: list[str], num_workers: int, timeout: float | None = None,
            grace: float = 10.0, env: dict | None = None) -> int:
     """Runs `command` as `num_workers` workers; returns the combined exit status."""
-    if num_workers < 1:
-        raise ValueError(f"--num_workers must be >= 1; got {num_workers}.")
+    if not isinstance(num_workers, int) or num_workers < 1:
+        raise UsageError(f"--num_workers must be an int >= 1; got {num_workers!r}.")
     if not command:
-        raise ValueError("No command given; put it after `--`.")
+        raise UsageError("No command given; put it after `--`.")
+    check_executable(command[0], env)
     configs = tf_configs(num_workers, free_ports(num_workers))
     procs, pumps = [], []
     for i, config in enumerate(configs):
         worker_env = {**(env or os.environ), "TF_CONFIG": config}
-        proc = subprocess.Popen(command, env=worker_env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            proc = subprocess.Popen(command, env=worker_env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        except OSError as e:  # Found but not startable (e.g. a bad interpreter line).
+            _stop(procs, grace)
+            raise UsageError(f"Cannot start {command[0]!r} ({type(e).__name__}: "
+                             f"{e.strerror or e}).") from None
         procs.append(proc)
         pump = threading.Thread(target=_pump, args=(i, proc.stdout, sys.stdout), daemon=True)
         pump.start()
@@ -92,6 +104,20 @@ def launch(command: list[str], num_workers: int, timeout: float | None = None,
     return status
 
 
+def check_executable(program: str, env: dict | None = None) -> str:
+    """The path of `program` (a path, or a name looked up on PATH); `UsageError` when there is no
+    such executable file, before any worker starts."""
+    search = (env or os.environ).get("PATH")
+    path = shutil.which(program, path=search)
+    if path is None:
+        where = ("no such file" if not os.path.exists(program) else "not an executable file") \
+            if os.sep in program else "not found on PATH"
+        raise UsageError(f"Cannot run the command {program!r}: {where}. Put the command each "
+                         "worker runs after `--`, e.g. -- python experiments/multi_digits.py "
+                         "--strategy=multi_worker.")
+    return path
+
+
 def _stop(procs, grace: float) -> None:
     alive = [p for p in procs if p.poll() is None]
     for p in alive:
@@ -111,9 +137,10 @@ def _stop(procs, grace: float) -> None:
             p.wait()
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def run(argv=None) -> int:
+    """Launches the workers; returns their combined status. User errors raise
+    `mtl.UsageError`."""
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--num_workers", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=None,
                         help="Seconds before all workers are killed (default: none).")
@@ -121,11 +148,12 @@ def main(argv=None) -> int:
                         help="The command each worker runs, after `--`.")
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    try:
-        return launch(command, args.num_workers, timeout=args.timeout)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return launch(command, args.num_workers, timeout=args.timeout)
+
+
+def main(argv=None) -> int:
+    """`run`, with a user error printed as `error: ...` and exit status 2."""
+    return cli.exit_status(run, argv)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@
 Runs, one after the other, `experiments/<experiment>.py --tasks=<task> --model_dir=OUT/stl_<task>`
 for every task, then `--model_dir=OUT/mtl` with all of them (flags after `--` go to every run),
 and finally the report (scripts/report.py) into OUT/report. A run folder that already holds a
-finished run is resumed, i.e. only evaluated again: rerunning the command is cheap.
+finished run is resumed, i.e. only evaluated again: rerunning the command is cheap. Flags after
+`--` may not set --tasks or --model_dir (run_baselines sets them per run); bad input prints
+`error: ...` and exits with status 2 before any run starts.
 """
 
 from __future__ import annotations
@@ -17,15 +19,21 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import argparse  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+
+from mtl import cli  # noqa: E402
+from mtl.config import UsageError  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+# Flags every run gets from run_baselines itself; after `--` they would override them.
+OWN_FLAGS = ("--tasks", "--model_dir")
+
+
+def parse_args(argv=None):
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--experiment", required=True, help="experiments/<name>.py to run.")
     parser.add_argument("--out", required=True, help="Folder for the runs and the report.")
     parser.add_argument("--tasks", default=None,
@@ -54,19 +62,31 @@ def plan(experiment: str, out: str, tasks: list[str], extra: list[str],
                     *extra]) for name, flags in runs]
 
 
-def main(argv=None) -> int:
+def check_extra(extra: list[str]) -> None:
+    """Refuses flags after `--` that would override what run_baselines sets for each run."""
+    for flag in extra:
+        name = "--" + flag.lstrip("-").split("=", 1)[0]  # absl takes -flag and --flag alike.
+        if flag.startswith("-") and name in OWN_FLAGS:
+            raise UsageError(f"{flag!r} after `--`: run_baselines sets {' and '.join(OWN_FLAGS)} "
+                             "for each run itself (one run per task, then all of them); choose "
+                             "the tasks with run_baselines' own --tasks and the folder with --out.")
+
+
+def run(argv=None) -> int:
+    """Trains the runs and writes the report; user errors raise `mtl.UsageError`."""
     args = parse_args(argv)
     script = os.path.join(args.experiments_dir, f"{args.experiment}.py")
     if not os.path.exists(script):
-        print(f"error: no experiment script {script}", file=sys.stderr)
-        return 2
+        raise UsageError(f"--experiment={args.experiment!r}: no experiment script {script}.")
+    check_extra(args.extra)
+    from mtl import report
+
+    report.check_out_dir(os.path.join(args.out, "report"))
     available = experiment_tasks(args.experiment, args.experiments_dir)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else available
     unknown = [t for t in tasks if t not in available]
     if unknown or not tasks:
-        print(f"error: --tasks={args.tasks!r}: the experiment's tasks are {available}.",
-              file=sys.stderr)
-        return 2
+        raise UsageError(f"--tasks={args.tasks!r}: the experiment's tasks are {available}.")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
     for name, command in plan(args.experiment, args.out, tasks, args.extra,
@@ -76,8 +96,6 @@ def main(argv=None) -> int:
         if status != 0:
             print(f"error: run {name} failed with exit status {status}.", file=sys.stderr)
             return status
-    from mtl import report
-
     result = report.write_report(os.path.join(args.out, "mtl"),
                                  {t: os.path.join(args.out, f"stl_{t}") for t in tasks},
                                  os.path.join(args.out, "report"))
@@ -86,6 +104,11 @@ def main(argv=None) -> int:
         print(note)
     print("Wrote " + ", ".join(result.files))
     return 0
+
+
+def main(argv=None) -> int:
+    """`run`, with a user error printed as `error: ...` and exit status 2."""
+    return cli.exit_status(run, argv)
 
 
 if __name__ == "__main__":
