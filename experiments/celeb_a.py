@@ -23,11 +23,10 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Hide TF's start-up banner, keep warnings.
 
-from absl import app  # noqa: E402
 from absl import flags as absl_flags  # noqa: E402
 
 import mtl  # noqa: E402
-from mtl import experiment, flags  # noqa: E402
+from mtl import cli, experiment, flags  # noqa: E402
 from mtl.data import celeb_a  # noqa: E402
 
 flags.define_flags(backbone="resnet", train_steps=30_000, batch_size=128, eval_batch_size=500,
@@ -84,4 +83,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -20,11 +20,10 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Hide TF's start-up banner, keep warnings.
 
-from absl import app  # noqa: E402
 from absl import flags as absl_flags  # noqa: E402
 
 import mtl  # noqa: E402
-from mtl import experiment, flags  # noqa: E402
+from mtl import cli, experiment, flags  # noqa: E402
 from mtl.data import cifar100  # noqa: E402
 
 flags.define_flags(backbone="resnet", train_steps=40_000, batch_size=128, eval_batch_size=500,
@@ -66,4 +65,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -24,13 +24,12 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Hide TF's start-up banner, keep warnings.
 
-from absl import app  # noqa: E402
 from absl import flags as absl_flags  # noqa: E402
 
 import mtl  # noqa: E402  (before keras: it filters TensorFlow's start-up lines)
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from mtl import experiment, flags  # noqa: E402
+from mtl import cli, experiment, flags  # noqa: E402
 from mtl.data import mixing, multi_digits, pipeline  # noqa: E402
 
 flags.define_flags(backbone="small_cnn", train_steps=3000, batch_size=64, eval_every=1000,
@@ -108,4 +107,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

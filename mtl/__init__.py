@@ -4,12 +4,17 @@ A shared backbone feeds several task heads; one compiled step trains all heads a
 head's gradient reaches the shared layers; `tf.distribute` carries the same step to many devices.
 """
 
-from mtl import backbones, data, distribute, export, heads, transfer, weighting
-from mtl.config import Config, FineTuning, TrainerOptions, UsageError
-from mtl.model import MultiTaskModel, SharingReport, sharing_report
-from mtl.tasks import Task
-from mtl.trainer import (CheckpointReadError, CheckpointWriteError, History, NonFiniteError,
-                         Trainer, TrainingStopped)
+from mtl import startup
+
+with startup.quiet_native_import():
+    import tensorflow  # noqa: F401  (first, with its start-up lines filtered)
+
+from mtl import backbones, data, distribute, export, heads, transfer, weighting  # noqa: E402
+from mtl.config import Config, FineTuning, TrainerOptions, UsageError  # noqa: E402
+from mtl.model import MultiTaskModel, SharingReport, sharing_report  # noqa: E402
+from mtl.tasks import Task  # noqa: E402
+from mtl.trainer import (CheckpointReadError, CheckpointWriteError, History,  # noqa: E402
+                         NonFiniteError, Trainer, TrainingStopped)
 
 __version__ = "0.1.0"
 

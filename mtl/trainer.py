@@ -12,6 +12,7 @@ loops: nothing here runs inside `tf.function`.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Sequence
 
 import keras
@@ -19,7 +20,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from mtl import actions, checkpoints, preemption, progress, validation
+from mtl import actions, checkpoints, preemption, progress, run_record, runs, validation
 from mtl import weighting as weighting_lib
 from mtl.checkpoints import CheckpointReadError, CheckpointWriteError  # noqa: F401 (API)
 from mtl.config import TrainerOptions, UsageError, UsageTypeError
@@ -93,10 +94,19 @@ class Trainer:
         for task in tasks:
             if not isinstance(task, Task):
                 raise UsageTypeError(f"tasks must be mtl.Task objects; got {task!r}.")
-        task_names = getattr(model, "task_names", None) or list(model.output)
+        task_names = getattr(model, "task_names", None)
+        if task_names is None:
+            outputs = getattr(model, "output", None)
+            if not isinstance(outputs, dict):
+                raise UsageTypeError(
+                    f"The model must have dict outputs {{task name: output}} (a "
+                    f"mtl.MultiTaskModel, or a Functional model built with a dict of outputs); "
+                    f"{model.name!r} has outputs of type {type(outputs).__name__}.")
+            task_names = list(outputs)
         validation.check_tasks_match_heads(tasks, task_names)
         self.strategy = strategy or tf.distribute.get_strategy()
         self.model = model
+        self._checked_data = []  # Data whose first batch was checked (by identity).
         self.model_dir = model_dir
         # Keep the model's head order, so task i is the same task everywhere.
         by_name = {t.name: t for t in tasks}
@@ -133,8 +143,12 @@ class Trainer:
         self.input = InputState(self.strategy, self.checkpointer,
                                 micro_batches=self.options.grad_accum_steps,
                                 checkpoint_input=self.options.checkpoint_input)
+        changes = self._check_record()
+        self._strict_restore = not changes
         self.restore()
-        if model_dir and self.is_chief: from mtl import runs; runs.record_model(model_dir, model)
+        if model_dir and self.is_chief:
+            runs.record_model(model_dir, model)  # what export needs to rebuild the model
+        self._write_record(changes)
         self._maybe_unfreeze()
 
     # ------------------------------------------------------------------------- construction
@@ -352,7 +366,8 @@ class Trainer:
         """Stops training on a non-finite loss or gradient (the bad update was not applied)."""
         losses = stats[:len(self.tasks)]
         bad = [t.name for t, v in zip(self.tasks, losses) if not np.isfinite(v)]
-        what = (f"non-finite loss in task(s) {bad}" if bad else
+        what = (f"non-finite loss in task(s) {bad} (a NaN/inf label or prediction, or a class "
+                f"id outside the head's classes)" if bad else
                 "non-finite gradient (task losses were finite: "
                 + ", ".join(f"{t.name}={v:.4g}" for t, v in zip(self.tasks, losses)) + ")")
         raise NonFiniteError(
@@ -381,8 +396,11 @@ class Trainer:
             raise UsageTypeError(f"{where} must be a tf.data.Dataset or a function (InputContext) -> "
                             f"tf.data.Dataset; got {type(data).__name__}.")
         validation.check_data(spec, self.tasks, self.model, where=where)
+        if any(data is checked for checked in self._checked_data):
+            return  # Its first batch was read already (a later fit, another evaluation).
         # Its own iterator: the stream `fit` trains on is not touched.
         validation.check_first_batch(dataset, self.tasks, self.model, where=where)
+        self._checked_data.append(data)
 
     # ----------------------------------------------------------------------------- evaluation
     def evaluate(self, data: Data, steps: int | None = None) -> dict:
@@ -424,14 +442,55 @@ class Trainer:
 
     def restore(self) -> int:
         """Restores the newest readable checkpoint in `model_dir`; returns the global step."""
-        if self.checkpointer.restore():
+        if self.checkpointer.restore(strict=self._strict_restore):
             logging.info("Resumed at step %d.", self.global_step)
         return self.global_step
+
+    # ------------------------------------------------------------------------- run record
+    def record(self) -> dict:
+        """What shapes this run's state and results (`trainer.json`; see `mtl.run_record`)."""
+        optimizer = {k: v for k, v in self.optimizer.get_config().items() if k != "name"}
+        method = self.weighting
+        policy = getattr(self.model, "dtype_policy", None)
+        return {
+            "tasks": [[t.name, t.weight] for t in self.tasks],
+            "weighting": {"name": method.name,
+                          "options": {k: getattr(method, k) for k in method.options()
+                                      if hasattr(method, k)}},
+            "optimizer": {"class": type(self.optimizer).__name__, **optimizer},
+            "precision": getattr(policy, "name", str(policy)),
+            "grad_accum_steps": self.options.grad_accum_steps,
+            "gradient_mode": self.options.gradient_mode,
+            "fine_tuning": dataclasses.asdict(self.options.fine_tuning),
+        }
+
+    def _check_record(self) -> dict:
+        """Refuses, before anything is loaded, to resume a run made with other settings
+        (unless `allow_config_change` names them); returns the allowed changes."""
+        if not self.model_dir:
+            return {}
+        path = os.path.join(self.model_dir, TRAINER_RECORD)
+        changes = run_record.check(run_record.read(path), self.record(), free=(),
+                                   allowed=self.options.allow_config_change,
+                                   where=self.model_dir, option="allow_config_change")
+        for name, (old, new) in changes.items():
+            logging.warning("Resuming %s with %s changed (allowed): %s -> %s.", self.model_dir,
+                            name, old, new)
+        return changes
+
+    def _write_record(self, changes: dict) -> None:
+        if self.model_dir and self.is_chief:
+            run_record.write_once(os.path.join(self.model_dir, TRAINER_RECORD), self.record())
+            run_record.append_history(self.model_dir, TRAINER_RECORD, changes,
+                                      self.global_step)
 
     def _signature(self) -> dict:
         # All the model's weights, trainable or not, so that freezing does not change it.
         return {"tasks": [t.name for t in self.tasks],
                 "variables": [[v.path, list(v.shape)] for v in self.model.weights]}
+
+
+TRAINER_RECORD = "trainer.json"
 
 
 class NonFiniteError(FloatingPointError):
@@ -447,12 +506,11 @@ def _check_gradient_mode(method, mode: str, model) -> None:
     if mode != "rep":
         return
     if not (method.supports_rep and method.uses_gramian):
-        raise UsageError(f"gradient_mode='rep' cannot be used with weighting {method.name!r}: "
-                         "it needs the per-parameter gradients of the shared variables. Use "
-                         "gradient_mode='exact', or a method that supports rep mode (" + ", ".join(
-                             sorted(n for n, c in weighting_lib.METHODS.items()
-                                    if getattr(c, "supports_rep", False)
-                                    and getattr(c, "uses_gramian", False))) + ").")
+        offered = sorted(n for n, c in weighting_lib.METHODS.items()
+                         if getattr(c, "supports_rep", False) and getattr(c, "uses_gramian", False))
+        raise UsageError(f"gradient_mode='rep' is not defined for weighting {method.name!r}: "
+                         f"{method.no_rep_reason}. Use gradient_mode='exact', or a method whose "
+                         f"paper defines rep mode ({', '.join(offered)}).")
     if getattr(model, "backbone", None) is None:
         raise UsageError("gradient_mode='rep' needs a MultiTaskModel built from a backbone and "
                          "heads (the shared representation is the backbone's output).")

@@ -11,6 +11,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+import mtl  # noqa: E402
 from mtl import weighting  # noqa: E402
 from mtl.weighting import StepContext  # noqa: E402
 
@@ -50,8 +51,8 @@ def test_registry_holds_every_method_under_its_name():
 
 def test_rep_mode_support_follows_the_papers():
     supports = {name: weighting.METHODS[name].supports_rep for name in GRADIENT_METHODS}
-    assert supports == {"pcgrad": True, "gradvac": False, "graddrop": True, "mgda": True,
-                        "cagrad": True, "imtl": True, "nash_mtl": False, "aligned_mtl": True,
+    assert supports == {"pcgrad": False, "gradvac": False, "graddrop": False, "mgda": True,
+                        "cagrad": False, "imtl": True, "nash_mtl": False, "aligned_mtl": True,
                         "upgrad": False, "gradnorm": True}
 
 
@@ -251,11 +252,14 @@ def test_nash_mtl_weights_solve_the_bargaining_equations():
     method = built("nash_mtl", 3, max_norm=0.0)
     d = aggregate(method, jacobian)
     alpha = method.weights().numpy()
-    gram = jacobian.astype(np.float64) @ jacobian.T
-    gram /= np.linalg.norm(gram)
+    gram = jacobian.astype(np.float64) @ jacobian.T  # the raw Gramian, as the official code
     np.testing.assert_allclose(gram @ alpha, 1.0 / alpha, rtol=1e-4)
     assert np.all(alpha > 0)
     np.testing.assert_allclose(d, alpha @ jacobian, rtol=1e-5)
+    # |d|^2 = alpha^T G alpha = T, whatever the gradients' scale.
+    assert np.linalg.norm(d) == pytest.approx(np.sqrt(3), rel=1e-4)
+    small = aggregate(built("nash_mtl", 3, max_norm=0.0), 0.01 * jacobian)
+    assert np.linalg.norm(small) == pytest.approx(np.sqrt(3), rel=1e-4)
 
 
 def test_nash_mtl_direction_is_invariant_to_a_task_loss_scale():
@@ -270,9 +274,9 @@ def test_nash_mtl_direction_is_invariant_to_a_task_loss_scale():
 def test_nash_mtl_recomputes_every_k_calls_and_clips():
     method = built("nash_mtl", 2, update_every=3, max_norm=0.0)
     first, second = [[1.0, 0.0], [0.0, 1.0]], [[4.0, 0.0], [1.0, 1.0]]
-    aggregate(method, first)                      # call 0: solved (G = I / sqrt(2)).
+    aggregate(method, first)                      # call 0: solved (G = I: alpha = 1).
     alpha = method.weights().numpy()
-    np.testing.assert_allclose(alpha, [2 ** 0.25] * 2, rtol=1e-4)
+    np.testing.assert_allclose(alpha, [1.0, 1.0], rtol=1e-4)
     for _ in range(2):                            # calls 1, 2: stored weights reused.
         np.testing.assert_allclose(aggregate(method, second), alpha @ np.array(second),
                                    rtol=1e-5)
@@ -616,3 +620,42 @@ def test_every_method_under_mirrored_strategy_matches_one_device():
                          text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert f"checked {len(weighting.METHODS) + 1}" in run.stdout
+
+
+# --- standalone use --------------------------------------------------------------------------
+@pytest.mark.parametrize("name", GRADIENT_METHODS)
+def test_a_gradient_method_works_alone_on_a_jacobian(name):
+    jacobian = random_jacobian(3, 6, seed=7)
+    method = weighting.get(name)  # no build(): it builds itself from the Jacobian
+    context = StepContext(tf.constant([1.0, 2.0, 0.5]))
+    alone = method.aggregate(tf.constant(jacobian), context).numpy()
+    assert method.num_tasks == 3 and alone.shape == (6,) and np.all(np.isfinite(alone))
+    reference = aggregate(built(name, 3), jacobian, [1.0, 2.0, 0.5])
+    np.testing.assert_allclose(alone, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_jacobians_get_clear_errors():
+    method = weighting.get("mgda")
+    with pytest.raises(mtl.UsageError, match=r"aggregate takes a \[tasks, params\] Jacobian; "
+                                             r"got shape \(5,\)"):
+        method.aggregate(tf.ones([5]))
+    method.aggregate(tf.constant(random_jacobian(3, 4)))
+    with pytest.raises(mtl.UsageError, match=r"was built for 3 tasks .*aggregate got 2 rows"):
+        method.aggregate(tf.constant(random_jacobian(2, 4)))
+    with pytest.raises(mtl.UsageError, match="holds NaN or inf"):
+        method.aggregate(tf.constant([[1.0, np.nan], [0.0, 1.0], [1.0, 1.0]]))
+    with pytest.raises(mtl.UsageError, match=r"weights_from_gramian takes a \[tasks, tasks\] "
+                                             r"Gramian; got shape \(3, 4\)"):
+        weighting.get("imtl").weights_from_gramian(tf.ones([3, 4]))
+
+
+def test_rep_mode_is_refused_with_the_reason_for_methods_whose_paper_does_not_define_it():
+    import keras
+
+    model = mtl.MultiTaskModel(mtl.backbones.mlp((4,), widths=(4,)),
+                               {"a": mtl.heads.regression(1), "b": mtl.heads.regression(1)})
+    tasks = [mtl.Task("a", loss="mse"), mtl.Task("b", loss="mse")]
+    with pytest.raises(mtl.UsageError, match=r"gradient_mode='rep' is not defined for weighting "
+                                             r"'pcgrad': its paper and official code project"):
+        mtl.Trainer(model, tasks, optimizer=keras.optimizers.SGD(0.1), weighting="pcgrad",
+                    gradient_mode="rep")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 import inspect
 import numbers
 from typing import Sequence
@@ -192,12 +193,23 @@ class GradientWeighting(Weighting):
         (graddrop) it is the least-squares combination of the rows closest to the output.
     """
 
-    #: True when the method can run on gradients w.r.t. the shared representation ("rep" mode).
-    supports_rep: bool = True
+    #: Where "rep" mode (the rows are gradients w.r.t. the shared representation, not the
+    #: shared parameters) is defined: the paper or official code that defines it. None: not
+    #: offered, for the reason in `no_rep_reason`. `supports_rep` is derived from it.
+    rep_mode: str | None = None
+    no_rep_reason: str = "its paper and official code apply it to the shared parameters"
     #: True when `weights_from_gramian` defines the method (the direction is `w @ J`).
     uses_gramian: bool = False
     #: True when the method needs `context.global_losses`.
     needs_losses: bool = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.supports_rep = cls.rep_mode is not None
+        for name in ("aggregate", "weights_from_gramian"):
+            function = cls.__dict__.get(name)
+            if function is not None and not getattr(function, "_checks_input", False):
+                setattr(cls, name, _standalone(function, name))
 
     def build(self, task_names: Sequence[str], task_weights: Sequence[float]) -> None:
         super().build(task_names, task_weights)
@@ -218,6 +230,42 @@ class GradientWeighting(Weighting):
             raise UsageError(f"Weighting method {self.name!r} needs the task losses: call it "
                              "with context=StepContext(global_losses=...).")
         return tf.stop_gradient(tf.convert_to_tensor(context.global_losses, tf.float32))
+
+
+def _standalone(function, what: str):
+    """Wraps `aggregate` / `weights_from_gramian` so a method also works alone: it builds itself
+    from the first input's task count (as a Keras layer builds on its first call), and a matrix
+    that is not rank 2, has another task count, or (eagerly) holds NaN/inf gets a clear error."""
+
+    @functools.wraps(function)
+    def checked(self, matrix, context=None):
+        matrix = tf.convert_to_tensor(matrix)
+        if not matrix.dtype.is_floating:
+            matrix = tf.cast(matrix, tf.float32)
+        expected = ("a [tasks, params] Jacobian" if what == "aggregate"
+                    else "a [tasks, tasks] Gramian")
+        if matrix.shape.rank != 2:
+            raise UsageError(f"Weighting {self.name!r}: {what} takes {expected}; got shape "
+                             f"{matrix.shape}.")
+        tasks = matrix.shape[0]
+        if what == "weights_from_gramian" and tasks is not None and matrix.shape[1] != tasks:
+            raise UsageError(f"Weighting {self.name!r}: {what} takes {expected}; got shape "
+                             f"{matrix.shape}.")
+        if self._task_weights is None:
+            if tasks is None:
+                raise UsageError(f"Weighting {self.name!r}: the task count of the first input "
+                                 "must be known to build the method; call build() first.")
+            self.build([f"task_{i}" for i in range(tasks)], [1.0] * tasks)
+        elif tasks is not None and tasks != self.num_tasks:
+            raise UsageError(f"Weighting {self.name!r} was built for {self.num_tasks} tasks "
+                             f"{list(self.task_names)}; {what} got {tasks} rows.")
+        if tf.executing_eagerly() and not bool(tf.reduce_all(tf.math.is_finite(matrix))):
+            raise UsageError(f"Weighting {self.name!r}: the {expected.split(' ', 1)[1]} holds "
+                             "NaN or inf; a method cannot combine non-finite gradients.")
+        return function(self, matrix, context)
+
+    checked._checks_input = True
+    return checked
 
 
 class GramianWeighting(GradientWeighting):

@@ -37,6 +37,7 @@ class MGDA(GramianWeighting):
     """
 
     name = "mgda"
+    rep_mode = "Sener & Koltun 2018, MGDA-UB (gradients w.r.t. the shared representation)"
     NORMALIZATIONS = ("none", "l2", "loss", "loss+")
 
     def __init__(self, normalization: str = "none"):
@@ -77,6 +78,8 @@ class CAGrad(GramianWeighting):
     """
 
     name = "cagrad"
+    no_rep_reason = ("its paper and official code act on the shared parameters (LibMTL refuses "
+                     "rep_grad for it)")
 
     def __init__(self, c: float = 0.5, rescale: int = 1):
         super().__init__()
@@ -108,6 +111,7 @@ class IMTL(GramianWeighting):
     """
 
     name = "imtl"
+    rep_mode = "Liu et al. 2021, IMTL-G on the shared feature's gradients (as LibMTL's rep_grad)"
 
     def weights_from_gramian(self, gramian: tf.Tensor,
                              context: StepContext | None = None) -> tf.Tensor:
@@ -128,10 +132,11 @@ class IMTL(GramianWeighting):
 class NashMTL(GramianWeighting):
     """Nash-MTL (Navon et al., "Multi-Task Learning as a Bargaining Game", ICML 2022).
 
-    Weights a > 0 with G a = 1 / a (elementwise): the Nash bargaining solution, for which every
-    task's gain g_t . d = 1 / a_t. As in the official code the Gramian is first divided by its
-    Frobenius norm (so |d|^2 = T |G|_F); here a small ridge 1e-6 I is added so that a solution
-    exists when the gradients are (nearly) Pareto-stationary. Solved without cvxpy by damped
+    Weights a > 0 with G a = 1 / a (elementwise) on the raw Gramian: the Nash bargaining
+    solution, for which every task's gain g_t . d = 1 / a_t and |d|^2 = a^T G a = T at any
+    gradient scale, as in the official code. Solved on G / |G|_F and scaled back (see `_solve`),
+    with a tiny ridge so that a solution exists when the gradients are (nearly)
+    Pareto-stationary. Solved without cvxpy by damped
     Newton on the convex a^T G a / 2 - sum log a (`solvers.nash_bargaining`), warm-started at
     the previous weights. Weights are recomputed every `update_every` calls and reused in
     between (kept in a variable). Then, as the official code's `max_norm`, the direction is
@@ -147,7 +152,7 @@ class NashMTL(GramianWeighting):
     """
 
     name = "nash_mtl"
-    supports_rep = False
+    no_rep_reason = "the official code and LibMTL solve it on the shared parameters' gradients"
     RIDGE = 1e-10
 
     def __init__(self, update_every: int = 1, max_norm: float = 1.0):
@@ -165,15 +170,21 @@ class NashMTL(GramianWeighting):
         self.calls = state_variable(0, "calls", tf.int64)
 
     def _solve(self, gramian: tf.Tensor) -> tf.Tensor:
-        # float64: near the Pareto set the normalised Gramian's smallest eigenvalue falls far
-        # below float32's resolution of the Newton system, and the ridge must stay below it
-        # (a ridge that dominates it turns the weights into equal weights).
+        """alpha > 0 with alpha_t (G alpha)_t = 1 on the raw Gramian, as the official code.
+
+        Solved on G / |G|_F (whose solution is alpha * sqrt(|G|_F)) and scaled back, so alpha
+        keeps its meaning at any gradient scale: the unclipped direction has norm sqrt(T).
+        float64: near the Pareto set the normalised Gramian's smallest eigenvalue falls far
+        below float32's resolution of the Newton system, and the ridge must stay below it (a
+        ridge that dominates it turns the weights into equal weights).
+        """
         gramian = tf.cast(gramian, tf.float64)
-        normalised = tf.math.divide_no_nan(gramian, tf.norm(gramian))
+        scale = tf.sqrt(tf.norm(gramian))
+        normalised = tf.math.divide_no_nan(gramian, tf.square(scale))
         normalised += self.RIDGE * tf.eye(self.num_tasks, dtype=tf.float64)
         previous = tf.convert_to_tensor(self.alpha)
-        alpha = tf.cast(solvers.nash_bargaining(normalised, tf.cast(previous, tf.float64)),
-                        tf.float32)
+        alpha = solvers.nash_bargaining(normalised, tf.cast(previous, tf.float64) * scale)
+        alpha = tf.cast(tf.math.divide_no_nan(alpha, scale), tf.float32)
         return tf.where(tf.reduce_all(tf.math.is_finite(alpha) & (alpha > 0.0)), alpha, previous)
 
     def _next_alpha(self, gramian_fn) -> tf.Tensor:
@@ -228,6 +239,7 @@ class AlignedMTL(GramianWeighting):
     """
 
     name = "aligned_mtl"
+    rep_mode = "Senushkin et al. 2023, Aligned-MTL-UB (the upper bound on representation gradients)"
 
     def weights_from_gramian(self, gramian: tf.Tensor,
                              context: StepContext | None = None) -> tf.Tensor:
@@ -264,7 +276,7 @@ class UPGrad(GramianWeighting):
     """
 
     name = "upgrad"
-    supports_rep = False
+    no_rep_reason = "TorchJD defines it on the Jacobian of the shared parameters"
 
     def __init__(self, reg_eps: float = 1e-4, norm_eps: float = 1e-4):
         super().__init__()
@@ -315,6 +327,7 @@ class GradNorm(GramianWeighting):
     """
 
     name = "gradnorm"
+    rep_mode = "Chen et al. 2018: gradient norms at the last shared layer"
     needs_losses = True
 
     def __init__(self, alpha: float = 1.5, lr: float = 0.025):

@@ -48,6 +48,9 @@ class PCGrad(SeededDraws, GramianWeighting):
     """
 
     name = "pcgrad"
+    no_rep_reason = ("its paper and official code project the shared parameters' gradients "
+                     "(LibMTL refuses rep_grad for it): conflicts there and in the "
+                     "representation differ")
 
     def weights_from_gramian(self, gramian: tf.Tensor,
                              context: StepContext | None = None) -> tf.Tensor:
@@ -92,7 +95,7 @@ class GradVac(SeededDraws, GramianWeighting):
     """
 
     name = "gradvac"
-    supports_rep = False
+    no_rep_reason = "it acts on the shared parameters' gradients (per layer in the paper)"
 
     def __init__(self, beta: float = 0.5, seed: int = 0):
         super().__init__(seed=seed)
@@ -154,6 +157,9 @@ class GradDrop(SeededDraws, GradientWeighting):
     """
 
     name = "graddrop"
+    no_rep_reason = ("the paper's GradDrop masks each example's activation gradients after a "
+                     "sign(input) correction, which needs the per-example rows, not a Gramian; "
+                     "this is its parameter-gradient form")
 
     def __init__(self, leak: float = 0.0, seed: int = 0):
         super().__init__(seed=seed)
