@@ -22,6 +22,7 @@ from typing import Any
 
 ON_NONFINITE = ("stop", "skip")
 GRADIENT_MODES = ("exact", "rep")
+GRANULARITIES = ("all", "layer", "variable")
 MIXED_PRECISION = ("none", "float16", "bfloat16")
 
 
@@ -56,7 +57,7 @@ def check_choice(name: str, value, allowed) -> None:
 
 def check_positive(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-        raise UsageError(f"{name} must be a finite number > 0; got {value!r}.")
+        raise UsageError(f"{name} must be > 0 and finite; got {value!r}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +108,10 @@ class TrainerOptions:
       checkpoint_input: save the input pipeline's position (one replica).
       diagnostics_every: steps between task-gradient diagnostics (None: off).
       fine_tuning: freezing, scheduled unfreezing, backbone learning-rate multiplier.
+      granularity: for gradient-based methods in exact mode, what the method combines at once:
+        "all" the shared variables together (the papers' form), "layer" each shared layer's
+        variables on their own, "variable" each shared variable on its own (GradVac's and
+        TorchJD's grouping); each group gets its own method instance and state.
       allow_config_change: settings of the run's record (`trainer.json` in `model_dir`) that a
         resumed run may change: "tasks", "weighting", "optimizer", "precision",
         "grad_accum_steps", "gradient_mode", "fine_tuning" (see `mtl.run_record`).
@@ -123,6 +128,7 @@ class TrainerOptions:
     checkpoint_input: bool = True
     diagnostics_every: int | None = None
     fine_tuning: FineTuning = FineTuning()
+    granularity: str = "all"
     allow_config_change: tuple[str, ...] = ()
 
     def __post_init__(self):
@@ -132,6 +138,10 @@ class TrainerOptions:
             check_int(name, getattr(self, name), 1, optional=True)
         check_choice("on_nonfinite", self.on_nonfinite, ON_NONFINITE)
         check_choice("gradient_mode", self.gradient_mode, GRADIENT_MODES)
+        check_choice("granularity", self.granularity, GRANULARITIES)
+        if self.granularity != "all" and self.gradient_mode != "exact":
+            raise UsageError(f"granularity={self.granularity!r} groups the shared parameters' "
+                             "gradients; it needs gradient_mode='exact'.")
         if not isinstance(self.fine_tuning, FineTuning):
             raise UsageError(f"fine_tuning must be a mtl.FineTuning; got {self.fine_tuning!r}.")
         _check_names("allow_config_change", self.allow_config_change, TRAINER_RECORD)
@@ -149,7 +159,7 @@ class TrainerOptions:
 
 #: What `trainer.json` records (`mtl.run_record`): all of it shapes a run's state or results.
 TRAINER_RECORD = ("tasks", "weighting", "optimizer", "precision", "grad_accum_steps",
-                  "gradient_mode", "fine_tuning")
+                  "gradient_mode", "granularity", "fine_tuning")
 
 
 def _check_names(name: str, given, allowed) -> None:
@@ -238,6 +248,7 @@ class Config:
     mixed_precision: str = "none"
     on_nonfinite: str = "stop"
     gradient_mode: str = "exact"
+    granularity: str = "all"
     max_to_keep: int = 3
     deterministic: bool = False
     checkpoint_input: bool = True
@@ -261,6 +272,7 @@ class Config:
                       "weighting_options": "weighting", "optimizer": "optimizer",
                       "learning_rate": "optimizer", "mixed_precision": "precision",
                       "grad_accum_steps": "grad_accum_steps", "gradient_mode": "gradient_mode",
+                      "granularity": "granularity",
                       "freeze_backbone": "fine_tuning", "unfreeze_at_step": "fine_tuning",
                       "unfreeze_top_layers": "fine_tuning",
                       "backbone_lr_multiplier": "fine_tuning"}
@@ -325,6 +337,7 @@ class Config:
             checkpoint_every=self.checkpoint_every, max_to_keep=self.max_to_keep,
             grad_accum_steps=self.grad_accum_steps, jit_compile=self.jit_compile,
             on_nonfinite=self.on_nonfinite, gradient_mode=self.gradient_mode,
+            granularity=self.granularity,
             checkpoint_input=self.checkpoint_input,
             diagnostics_every=self.diagnostics_every or None, fine_tuning=self.fine_tuning(),
             allow_config_change=tuple(sorted({self.TRAINER_FIELDS[f]

@@ -13,8 +13,8 @@ from absl import flags
 
 from mtl import distribute, optimizers
 from mtl import weighting as weighting_lib
-from mtl.config import (GRADIENT_MODES, MIXED_PRECISION, ON_NONFINITE, Config,  # noqa: F401
-                        UsageError, parse_weighting_options)
+from mtl.config import (GRADIENT_MODES, GRANULARITIES, MIXED_PRECISION,  # noqa: F401
+                        ON_NONFINITE, Config, UsageError, parse_weighting_options)
 
 
 
@@ -78,6 +78,10 @@ def define_flags(**defaults) -> None:
     f.DEFINE_enum("gradient_mode", values["gradient_mode"], list(GRADIENT_MODES),
                   "For gradient-based weighting: per-task gradients of all shared variables "
                   "(exact) or of the shared representation (rep, cheaper).")
+    f.DEFINE_enum("granularity", values["granularity"], list(GRANULARITIES),
+                  "For gradient-based methods (exact mode): combine the task gradients of all "
+                  "shared variables at once (all), of each shared layer (layer) or of each "
+                  "variable (variable) on its own.")
     f.DEFINE_integer("max_to_keep", values["max_to_keep"], "Checkpoints kept in model_dir.")
     f.DEFINE_string("init_backbone_from", values["init_backbone_from"],
                     "Start the backbone from another run (its model_dir or a checkpoint) or a "

@@ -432,8 +432,15 @@ class JacobianRows(_Source):
     the whole batch's J into one direction (cross-replica context), once per update. The other
     variables get the gradient of sum_t Task.weight * L_t, the regularisation its own."""
 
-    def __init__(self, **kwargs):
+    def __init__(self, *, group_methods: dict | None = None, group_of=None, **kwargs):
         super().__init__(**kwargs)
+        # Per-group aggregation: the columns of each group of shared variables (a layer, a
+        # variable) are combined by that group's own method instance.
+        self.groups = None
+        if group_methods:
+            keys = [group_of(v) for v in self.shared]
+            self.groups = [(group_methods[key], [i for i, k in enumerate(keys) if k == key])
+                           for key in dict.fromkeys(keys)]
         if self.method_variables:
             raise ValueError(f"Weighting {self.method.name!r} has trainable variables; a "
                              "gradient-based method must keep its state in non-trainable "
@@ -470,6 +477,20 @@ class JacobianRows(_Source):
         stats = self._stats(batch, shares, reg, [jacobian, plain, reg_shared])
         return [jacobian] + plain + reg_shared, outputs, stats
 
+    def _aggregate(self, jacobian, context):
+        """The method's direction [P]: on the whole Jacobian, or group by group."""
+        if self.groups is None:
+            return self.method.aggregate(jacobian, context)
+        sizes = [int(np.prod(v.shape)) for v in self.shared]
+        columns = tf.split(jacobian, sizes, axis=1)
+        pieces = [None] * len(self.shared)
+        for method, members in self.groups:
+            group = tf.concat([columns[i] for i in members], axis=1)
+            parts = tf.split(method.aggregate(group, context), [sizes[i] for i in members])
+            for i, part in zip(members, parts):
+                pieces[i] = part
+        return tf.concat(pieces, axis=0)
+
     def replica_gradients(self, parts, direction):
         """This replica's gradients: the method's direction (the same on every replica, so
         1/R of it each) plus the local regularisation gradient; the plain ones as they are."""
@@ -494,14 +515,15 @@ class JacobianRows(_Source):
         losses = stats[:self.num_tasks]
         context = StepContext(global_losses=losses,
                               num_replicas=self.strategy.num_replicas_in_sync)
-        direction = self.method.aggregate(jacobian, context)
+        direction = self._aggregate(jacobian, context)
         return Update(apply_args=(self.parts.local(), direction), stats=stats,
                       finite=all_finite(direction), metric_inputs=metric_inputs)
 
 
 # --------------------------------------------------------------------------- the choice
 def gradient_source(*, method, gradient_mode: str, forward_for: Callable, tasks, strategy,
-                    model_variables, shared_variables, micro_batches: int) -> _Source:
+                    model_variables, shared_variables, micro_batches: int,
+                    group_methods: dict | None = None, group_of=None) -> _Source:
     """The one place where the weighting family decides how gradients are computed.
 
     `forward_for(need_features)` builds the `Forward` the source needs.
@@ -521,4 +543,5 @@ def gradient_source(*, method, gradient_mode: str, forward_for: Callable, tasks,
     if gradient_mode == "rep":
         return WeightedGradients(RepDecision(method, task_weights), forward=forward_for(True),
                                  shared_variables=shared_variables, **common)
-    return JacobianRows(forward=forward_for(False), shared_variables=shared_variables, **common)
+    return JacobianRows(forward=forward_for(False), shared_variables=shared_variables,
+                        group_methods=group_methods, group_of=group_of, **common)

@@ -98,7 +98,8 @@ class TrainStep:
     def __init__(self, *, model: keras.Model, tasks: Sequence[Task], weighting,
                  strategy: tf.distribute.Strategy, options: TrainerOptions,
                  optimizer_groups: dict, variables: Sequence[tf.Variable],
-                 shared_variables=(), train_metrics: dict, eval_metrics: dict,
+                 shared_variables=(), group_methods: dict | None = None, group_of=None,
+                 train_metrics: dict, eval_metrics: dict,
                  eval_losses: dict, step: tf.Variable, skipped_steps: tf.Variable,
                  loss_scale: LossScale | None = None):
         self.model = model
@@ -122,7 +123,8 @@ class TrainStep:
             forward_for=lambda need_features: gradient_sources.Forward(
                 model, self.tasks, need_features=need_features),
             tasks=self.tasks, strategy=strategy, model_variables=model_variables,
-            shared_variables=self.shared_variables, micro_batches=self.micro_batches)
+            shared_variables=self.shared_variables, micro_batches=self.micro_batches,
+            group_methods=group_methods, group_of=group_of)
         if options.jit_compile:
             # Forward and backward only: XLA cannot compile the cross-replica parts (PITFALLS).
             self.source._replica_pass = tf.function(self.source._replica_pass,
@@ -130,7 +132,8 @@ class TrainStep:
         self.policy = UpdatePolicy(options.on_nonfinite, loss_scale)
         self.apply_gradients = OptimizerApply(optimizer_groups)
         # What a dropped update must leave as it was.
-        self.method_state = list(weighting.non_trainable_variables)
+        self.method_state = list(weighting.non_trainable_variables) + [
+            v for method in (group_methods or {}).values() for v in method.non_trainable_variables]
         self.layer_state = layer_state(model)
         self.train_loop = tf.function(self._train_loop)
         self.eval_step = tf.function(self._eval_step, reduce_retracing=True)

@@ -11,6 +11,7 @@ loops: nothing here runs inside `tf.function`.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 from typing import Sequence
@@ -113,11 +114,16 @@ class Trainer:
         self.tasks = [by_name[name] for name in task_names]
         self.optimizer = _get_optimizer(optimizer)
         self.weighting = weighting_lib.get(weighting)
+        # An unbuilt copy: per-group methods (granularity) start from the same options.
+        self._method_template = copy.deepcopy(self.weighting) if (
+            self.options.granularity != "all"
+            and isinstance(self.weighting, weighting_lib.GradientWeighting)) else None
         _check_gradient_mode(self.weighting, self.options.gradient_mode, model)
         self._check_built_in_scope()
         self._to_unfreeze = self._freeze()
         with self.strategy.scope():
             self.weighting.build([t.name for t in self.tasks], [t.weight for t in self.tasks])
+            self.group_methods = self._group_methods()
             self.variables = self._trainable_now()
             backbone = getattr(model, "backbone", None)
             # Keras 3 under MirroredStrategy needs every optimizer built in the scope before
@@ -165,9 +171,34 @@ class Trainer:
             return []
         return layers_to_unfreeze(backbone, fine.unfreeze_top_layers)
 
+    def _group_key(self, variable) -> str:
+        """The group of a shared variable under `options.granularity` (its layer, or itself)."""
+        if self.options.granularity == "variable":
+            return variable.path
+        return variable.path.rsplit("/", 1)[0]
+
+    def _group_methods(self) -> dict:
+        """One method instance per group of shared variables (granularity "layer" or
+        "variable"), built like the main one; empty for "all"."""
+        if self.options.granularity == "all":
+            return {}
+        if not isinstance(self.weighting, weighting_lib.GradientWeighting):
+            raise UsageError(f"granularity={self.options.granularity!r} applies to gradient-based "
+                             f"weighting methods; {self.weighting.name!r} is loss-based.")
+        keys = dict.fromkeys(self._group_key(v) for v in shared_variables(
+            self.model, [t.name for t in self.tasks], trainable_only=False))
+        methods = {}
+        for key in keys:
+            method = copy.deepcopy(self._method_template)
+            method.build([t.name for t in self.tasks], [t.weight for t in self.tasks])
+            methods[key] = method
+        return methods
+
     def _checkpointed(self) -> dict:
         """Everything a resumed run needs besides the input position."""
         objects = {name: optimizer for name, (optimizer, _) in self.optimizer_groups.items()}
+        if self.group_methods:
+            objects["weighting_groups"] = [self.group_methods[k] for k in sorted(self.group_methods)]
         objects.update(
             model=self.model, step=self.step, weighting=self.weighting,
             skipped_steps=self.skipped_steps,
@@ -189,6 +220,7 @@ class Trainer:
             strategy=self.strategy, options=self.options,
             optimizer_groups=self.optimizer_groups, variables=self.variables,
             shared_variables=shared_variables(self.model, [t.name for t in self.tasks]),
+            group_methods=self.group_methods, group_of=self._group_key,
             train_metrics=self.train_metrics, eval_metrics=self.eval_metrics,
             eval_losses=self.eval_losses, step=self.step, skipped_steps=self.skipped_steps,
             loss_scale=self.loss_scale)
@@ -461,6 +493,7 @@ class Trainer:
             "precision": getattr(policy, "name", str(policy)),
             "grad_accum_steps": self.options.grad_accum_steps,
             "gradient_mode": self.options.gradient_mode,
+            "granularity": self.options.granularity,
             "fine_tuning": dataclasses.asdict(self.options.fine_tuning),
         }
 
@@ -516,16 +549,19 @@ def _check_gradient_mode(method, mode: str, model) -> None:
                          "heads (the shared representation is the backbone's output).")
 
 
-def shared_variables(model, task_names) -> list:
-    """Trainable variables that more than one task's output depends on (by layer use)."""
+def shared_variables(model, task_names, *, trainable_only: bool = True) -> list:
+    """Variables that more than one task's output depends on (by layer use): the trainable
+    ones, or (`trainable_only=False`) all of them, frozen ones included."""
     users: dict[int, int] = {}
     task_model = getattr(model, "task_model", None)
     if task_model is None:
         return []
     for name in task_names:
-        for v in task_model(name).trainable_variables:
+        task = task_model(name)
+        for v in (task.trainable_variables if trainable_only else task.weights):
             users[id(v)] = users.get(id(v), 0) + 1
-    return [v for v in model.trainable_variables if users.get(id(v), 0) > 1]
+    pool = model.trainable_variables if trainable_only else model.weights
+    return [v for v in pool if users.get(id(v), 0) > 1]
 
 
 def _computes_in_float16(model) -> bool:

@@ -47,7 +47,7 @@ def forward(model, x, frozen_backbone: bool):
 
 
 def reference_updates(model, tasks, method, optimizer, update_batches, *, mode="exact",
-                      frozen_backbone=False, skip=()):
+                      frozen_backbone=False, skip=(), group_methods=None):
     """Applies one update per whole update batch, except those whose index is in `skip` (the
     update changes nothing: neither the weights nor the method's state). `tasks` are
     (name, loss kind, Task.weight) triples."""
@@ -82,7 +82,20 @@ def reference_updates(model, tasks, method, optimizer, update_batches, *, mode="
             reg_shared = [g if g is not None else tf.zeros_like(v) for g, v in zip(
                 tape.gradient(reg, backbone_vars), backbone_vars)]
             context = mtl.weighting.StepContext(global_losses=tf.stop_gradient(losses))
-            if mode == "exact":
+            if mode == "exact" and group_methods:
+                # Each layer's variables combined on their own, by that layer's method.
+                shared = [None] * len(backbone_vars)
+                for layer, layer_method in group_methods.items():
+                    members = [i for i, v in enumerate(backbone_vars)
+                               if v.path.rsplit("/", 1)[0] == layer]
+                    jacobian = tf.stack([tf.concat([tf.reshape(tape.gradient(row, backbone_vars[i]),
+                                                               [-1]) for i in members], 0)
+                                         for row in rows])
+                    direction = layer_method.aggregate(jacobian, context)
+                    sizes = [int(np.prod(backbone_vars[i].shape)) for i in members]
+                    for i, d in zip(members, tf.split(direction, sizes)):
+                        shared[i] = tf.reshape(d, backbone_vars[i].shape)
+            elif mode == "exact":
                 jacobian = tf.stack([tf.concat([tf.reshape(g, [-1]) for g in tape.gradient(
                     row, backbone_vars)], 0) for row in rows])
                 direction = method.aggregate(jacobian, context)

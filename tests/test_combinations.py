@@ -4,7 +4,8 @@ device, float32, eager, the whole update batch) across the axes that meet in a s
 Axes: every weighting method; micro-batches K in {1, 2} (with missing labels, and a task with no
 label in some micro-batches); 1 device and 2 mirrored logical CPUs; exact and rep mode where the
 method allows rep; with and without an L2 regulariser on a shared layer; a frozen backbone with
-and without Dropout; SGD with momentum and Adam. The full cross product is too slow for the
+and without Dropout; SGD with momentum and Adam; per-layer aggregation (granularity="layer") for a few
+gradient methods. The full cross product is too slow for the
 suite; every pair of axes is covered (see `CASES_ONE` and `CASES_MIRRORED`). Triples left out:
 mirrored x frozen x rep; mirrored x K=1 x regulariser for most methods; Adam x K=2. float16
 (overflow and NaN injection) is tested in `test_update_policy.py`: its numbers are float16's,
@@ -46,6 +47,9 @@ def _cases_one():
         {"method": "mgda", "k": 2, "reg": True, "frozen": True, "dropout": True},
         {"method": "pcgrad", "k": 1, "frozen": True},
         {"method": "mgda", "mode": "rep", "k": 1, "frozen": True, "dropout": True},
+        # Per-layer aggregation (granularity="layer"): each shared layer has its own method.
+        {"method": "mgda", "k": 2, "reg": True, "granularity": "layer"},
+        {"method": "pcgrad", "k": 1, "optimizer": "adam", "granularity": "layer"},
     ]
     return cases
 
@@ -60,6 +64,7 @@ def _cases_mirrored():
         {"method": "imtl", "mode": "rep", "k": 1},
         {"method": "equal", "k": 2, "frozen": True, "dropout": True},
         {"method": "cagrad", "k": 1, "reg": True, "frozen": True, "dropout": True},
+        {"method": "nash_mtl", "k": 2, "granularity": "layer"},
     ]
     return cases
 
@@ -86,7 +91,8 @@ def results():
 
 def _name(r):
     return (f"{r['method']}/{r['mode']} K={r['k']} R={r['replicas']} reg={r['reg']} "
-            f"frozen={r['frozen']} dropout={r['dropout']} {r['optimizer']}")
+            f"frozen={r['frozen']} dropout={r['dropout']} {r['optimizer']} "
+            f"granularity={r['granularity']}")
 
 
 def test_every_case_ran(results):

@@ -2,6 +2,7 @@
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 import mtl
@@ -103,3 +104,37 @@ def test_the_pre_pass_leaves_batchnorm_statistics_and_dropout_rng_as_one_pass_wo
     assert len(states["equal"]) >= 3  # moving mean, moving variance, the dropout RNG state
     for got, want in zip(states["uncertainty"], states["equal"]):
         np.testing.assert_array_equal(got, want)
+
+
+def test_per_layer_aggregation_on_a_one_layer_backbone_equals_the_whole():
+    rng = np.random.RandomState(1)
+    x = rng.randn(32, 6).astype(np.float32)
+    y = {"a": x[:, 0], "b": x[:, 1] - x[:, 2], "c": -x[:, 3]}
+    results = {}
+    for granularity in ("all", "layer", "variable"):
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((6,))
+        backbone = keras.Model(inputs, keras.layers.Dense(4, activation="tanh")(inputs))
+        model = mtl.MultiTaskModel(backbone, {t: mtl.heads.regression(1) for t in "abc"})
+        trainer = mtl.Trainer(model, [mtl.Task(t, loss="mse") for t in "abc"],
+                              optimizer=keras.optimizers.SGD(0.1), weighting="mgda",
+                              granularity=granularity)
+        trainer.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(16).repeat(), steps=3)
+        results[granularity] = [v.numpy() for v in model.weights]
+        assert len(trainer.group_methods) == {"all": 0, "layer": 1, "variable": 2}[granularity]
+    for got, want in zip(results["layer"], results["all"]):
+        np.testing.assert_array_equal(got, want)
+    # Kernel and bias combined apart: another direction.
+    assert any(not np.allclose(a, b) for a, b in zip(results["variable"], results["all"]))
+
+
+def test_granularity_needs_a_gradient_method_in_exact_mode():
+    with pytest.raises(mtl.UsageError, match="granularity='layer' groups the shared "
+                                             "parameters' gradients; it needs gradient_mode"):
+        mtl.TrainerOptions(granularity="layer", gradient_mode="rep")
+    model = mtl.MultiTaskModel(mtl.backbones.mlp((6,), widths=(4,)),
+                               {"a": mtl.heads.regression(1), "b": mtl.heads.regression(1)})
+    with pytest.raises(mtl.UsageError, match="applies to gradient-based weighting methods; "
+                                             "'uncertainty' is loss-based"):
+        mtl.Trainer(model, [mtl.Task("a", loss="mse"), mtl.Task("b", loss="mse")],
+                    optimizer="sgd", weighting="uncertainty", granularity="layer")

@@ -80,7 +80,7 @@ def run_case(strategy, case):
         trainer = mtl.Trainer(model, tasks, optimizer=optimizer(case["optimizer"]),
                               weighting=case["method"], gradient_mode=case["mode"],
                               grad_accum_steps=case["k"], steps_per_loop=UPDATES,
-                              strategy=strategy,
+                              strategy=strategy, granularity=case["granularity"],
                               fine_tuning=mtl.FineTuning(freeze_backbone=case["frozen"]))
     initial = [w.numpy() for w in model.weights]
     micro = UPDATE_BATCH // case["k"]
@@ -95,20 +95,34 @@ def run_case(strategy, case):
         reference.backbone.trainable = False
     method = mtl.weighting.get(case["method"])
     method.build([n for n, _, _ in TASKS], [w for _, _, w in TASKS])
+    group_methods = None
+    if case["granularity"] == "layer":
+        group_methods = {}
+        for v in reference.backbone.weights:
+            layer = v.path.rsplit("/", 1)[0]
+            if layer not in group_methods:
+                group_methods[layer] = mtl.weighting.get(case["method"])
+                group_methods[layer].build([n for n, _, _ in TASKS], [w for _, _, w in TASKS])
     batches = [(x[i:i + UPDATE_BATCH], {k: v[i:i + UPDATE_BATCH] for k, v in labels.items()},
                 {k: tf.constant(v[i:i + UPDATE_BATCH]) for k, v in weights.items()})
                for i in range(0, len(x), UPDATE_BATCH)]
     oracle.reference_updates(reference, TASKS, method, optimizer(case["optimizer"]), batches,
-                             mode=case["mode"], frozen_backbone=case["frozen"])
+                             mode=case["mode"], frozen_backbone=case["frozen"],
+                             group_methods=group_methods)
 
     def relative(got, want):
         return float(np.max(np.abs(got - want)) / max(float(np.max(np.abs(want))), 1e-3))
 
     weight_error = max(relative(a.numpy(), b.numpy())
                        for a, b in zip(model.weights, reference.weights))
+    pairs = list(zip(trainer.weighting.variables, method.variables))
+    if group_methods:  # the groups' state, layer by layer (the same order in both models)
+        assert len(trainer.group_methods) == len(group_methods)
+        for ours, reference_method in zip(trainer.group_methods.values(), group_methods.values()):
+            pairs += list(zip(ours.variables, reference_method.variables))
     state_error = max([relative(np.asarray(a.numpy(), np.float64),
                                 np.asarray(b.numpy(), np.float64))
-                       for a, b in zip(trainer.weighting.variables, method.variables)] or [0.0])
+                       for a, b in pairs] or [0.0])
     moved = max(float(np.max(np.abs(w.numpy() - i))) for w, i in zip(model.weights, initial))
     backbone_ids = {id(v) for v in model.backbone.weights}
     frozen_kept = all(np.array_equal(w.numpy(), i) for w, i in zip(model.weights, initial)
@@ -124,7 +138,7 @@ def main():
                 else tf.distribute.OneDeviceStrategy("/cpu:0"))
     for case in cases:
         case = {"mode": "exact", "k": 1, "reg": False, "frozen": False, "dropout": False,
-                "optimizer": "sgd", **case}
+                "optimizer": "sgd", "granularity": "all", **case}
         try:
             result = run_case(strategy, case)
         except Exception as e:  # reported, so one case does not hide the others
