@@ -74,7 +74,8 @@ class CAGrad(GramianWeighting):
       c: the radius factor, >= 0 (default 0.5).
       rescale: 0, 1 or 2 as above.
 
-    rep mode: yes. Cost: T backward passes + the Gramian + O(250 T^2).
+    rep mode: no (see `no_rep_reason`).
+    Cost: T backward passes + the Gramian + O(250 T^2).
     """
 
     name = "cagrad"

@@ -44,7 +44,8 @@ class PCGrad(SeededDraws, GramianWeighting):
     Options:
       seed: an int, for the task orders.
 
-    Cost: T backward passes (the Jacobian) + the Gramian (T^2 P) + O(T^3); rep mode applies.
+    Cost: T backward passes (the Jacobian) + the Gramian (T^2 P) + O(T^3). rep mode: no (see
+    `no_rep_reason`).
     """
 
     name = "pcgrad"
