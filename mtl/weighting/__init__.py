@@ -1,8 +1,9 @@
 """Task-weighting methods, by name: `mtl.weighting.get("equal")`.
 
-Loss-based (`LossWeighting.combine`): equal, uncertainty, dwa, rlw, gls, famo.
+Loss-based (`LossWeighting.combine`): equal, uncertainty, dwa, rlw, gls, famo, stch.
 Gradient-based (`GradientWeighting.aggregate`, or `GramianWeighting.weights_from_gramian`):
-pcgrad, gradvac, graddrop, mgda, cagrad, imtl, nash_mtl, aligned_mtl, upgrad, gradnorm.
+pcgrad, gradvac, graddrop, mgda, cagrad, imtl, nash_mtl, aligned_mtl, upgrad, gradnorm,
+fairgrad, db_mtl, config, dualproj, moco.
 See docs/weighting.md for a table of what each does and costs.
 """
 
@@ -14,12 +15,14 @@ from mtl.weighting.gradient_based import (CAGrad, IMTL, MGDA, AlignedMTL, GradNo
                                           UPGrad)
 from mtl.weighting.gradient_surgery import GradDrop, GradVac, PCGrad
 from mtl.weighting.loss_based import DWA, FAMO, GLS, RLW, Equal, Uncertainty
+from mtl.weighting.recent import DBMTL, STCH, ConFIG, DualProj, FairGrad, MoCo
 from mtl.config import UsageError
 
 METHODS: dict[str, type[Weighting]] = {
     cls.name: cls for cls in (
         Equal, Uncertainty, DWA, RLW, GLS, FAMO,
-        PCGrad, GradVac, GradDrop, MGDA, CAGrad, IMTL, NashMTL, AlignedMTL, UPGrad, GradNorm)
+        PCGrad, GradVac, GradDrop, MGDA, CAGrad, IMTL, NashMTL, AlignedMTL, UPGrad, GradNorm,
+        STCH, FairGrad, DBMTL, ConFIG, DualProj, MoCo)
 }
 
 
@@ -41,7 +44,8 @@ def get(method: str | Weighting, **options) -> Weighting:
     return cls(**options)
 
 
-__all__ = ["AlignedMTL", "CAGrad", "DWA", "Equal", "FAMO", "GLS", "GradDrop", "GradNorm",
-           "GradVac", "GradientWeighting", "GramianWeighting", "IMTL", "LossWeighting", "METHODS",
-           "MGDA", "NashMTL", "PCGrad", "RLW", "SeededDraws", "StepContext", "UPGrad",
-           "Uncertainty", "Weighting", "get"]
+__all__ = ["AlignedMTL", "CAGrad", "ConFIG", "DBMTL", "DWA", "DualProj", "Equal", "FAMO",
+           "FairGrad", "GLS", "GradDrop", "GradNorm", "GradVac", "GradientWeighting",
+           "GramianWeighting", "IMTL", "LossWeighting", "METHODS", "MGDA", "MoCo", "NashMTL",
+           "PCGrad", "RLW", "STCH", "SeededDraws", "StepContext", "UPGrad", "Uncertainty",
+           "Weighting", "get"]

@@ -1,0 +1,459 @@
+"""The newest balancing methods: FairGrad, DB-MTL, STCH, ConFIG, DualProj, MoCo.
+
+Each is written from its paper and its official code (or LibMTL / TorchJD, where those are the
+reference implementations); every default names its source. Like the other modules:
+
+  * A loss method (`stch`) returns `sum_t stop_gradient(weight_t) * share_t` with the weights
+    computed from `context.global_losses`, so a multi-replica step computes exactly the
+    single-device gradient of the official objective.
+  * Gradient methods receive the whole update's Jacobian (the same on every replica); state is
+    kept in `state_variable`s (ONLY_FIRST_REPLICA), so every replica computes the same direction.
+  * `db_mtl` and `moco` track one vector per task of the shared parameters' size, which `build`
+    does not know: their buffers are variables of shape [T, None], empty until the first call,
+    and restart from zero (as at the first call) if the number of shared parameters changes
+    (e.g. when a frozen backbone is unfrozen).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import tensorflow as tf
+
+from mtl.weighting import solvers
+from mtl.weighting.base import (GradientWeighting, GramianWeighting, LossWeighting, StepContext,
+                                check_option, global_losses, is_int, is_number, state_variable)
+
+_FLOAT32_EPS = 1.1920929e-07
+
+
+def _row_buffer(num_tasks: int, name: str) -> tf.Variable:
+    """A [T, None] state variable, empty ([T, 0]) until the first call assigns [T, P]."""
+    return tf.Variable(tf.zeros([num_tasks, 0]), shape=tf.TensorShape([num_tasks, None]),
+                       trainable=False, name=name,
+                       aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+
+
+def _previous_rows(buffer: tf.Variable, width: tf.Variable, jacobian: tf.Tensor) -> tf.Tensor:
+    """The buffer's value, or zeros like `jacobian` when it is empty or of another width.
+
+    The width comes from its own variable, not `tf.shape(buffer)`: in a tf.function grappler's
+    constant folding takes the shape of the buffer's value when the function was traced.
+    """
+    value = tf.convert_to_tensor(buffer)
+    wanted = tf.shape(jacobian, out_type=tf.int64)[1]
+    width = tf.convert_to_tensor(width)
+    fitted = tf.pad(value, [[0, 0], [0, tf.maximum(wanted - width, 0)]])[:, :wanted]
+    return fitted * tf.cast(tf.equal(width, wanted), fitted.dtype)
+
+
+def _store_rows(buffer: tf.Variable, width: tf.Variable, rows: tf.Tensor) -> None:
+    buffer.assign(rows)
+    width.assign(tf.shape(rows, out_type=tf.int64)[1])
+
+
+@tf.function
+def _project_to_dual_cone(gramian: tf.Tensor, lower: tf.Tensor) -> tf.Tensor:
+    """`solvers.project_to_dual_cone` to 1e-10, compiled (its sweeps are slow when eager)."""
+    return solvers.project_to_dual_cone(gramian, lower, max_sweeps=5000, tolerance=1e-10)
+
+
+def _row_norms(matrix: tf.Tensor) -> tf.Tensor:
+    return tf.sqrt(tf.reduce_sum(tf.square(matrix), axis=1))
+
+
+class FairGrad(GramianWeighting):
+    """FairGrad (Ban & Ji, "Fair Resource Allocation in Multi-Task Learning", ICML 2024).
+
+    Maximises the alpha-fair utility sum_t (g_t . d)^{1-alpha} / (1 - alpha) of the tasks' gains
+    over a ball; with d = sum_t w_t g_t its optimality condition is
+
+        G w = w^{-1/alpha}   (elementwise, w > 0),   d = J^T w,
+
+    so every task's gain is g_t . d = w_t^{-1/alpha} > 0 (the direction conflicts with no task).
+    alpha = 1 is Nash-MTL's bargaining solution; alpha -> infinity approaches max-min fairness.
+    The official code (and LibMTL) solves the equations with `scipy.optimize.least_squares` from
+    w = 1/T; here they are the stationarity condition of the strictly convex
+    phi(w) = w^T G w / 2 - sum_t h(w_t), h' = w^{-1/alpha}, minimised by damped Newton in float64
+    on G / |G|_F (the solution for G is the one for G / |G|_F times |G|_F^{-alpha/(alpha+1)}),
+    with a 1e-10 ridge so that a solution exists for (nearly) Pareto-stationary gradients.
+    The official code then clips the shared gradient at norm `max_norm` = 1: that is the
+    step's gradient clipping, not applied here.
+
+    Options:
+      alpha: the fairness exponent (> 0). Default 1.0: the official `FairGrad(alpha=1.0)`
+        class default and LibMTL's `--FairGrad_alpha` default (the official CelebA script runs
+        alpha = 2).
+
+    rep mode: no (LibMTL refuses rep_grad for it; the official code uses the shared
+    parameters). Cost: T backward passes + the Gramian + O(T^3) Newton steps.
+    """
+
+    name = "fairgrad"
+    no_rep_reason = ("its official code and LibMTL solve it on the shared parameters' gradients "
+                     "(LibMTL refuses rep_grad for it)")
+    RIDGE = 1e-10
+
+    def __init__(self, alpha: float = 1.0):
+        super().__init__()
+        check_option(is_number(alpha) and alpha > 0, self.name, "alpha", alpha, "a number > 0")
+        self.alpha = float(alpha)
+
+    def _solve(self, gramian: tf.Tensor, max_iterations: int = 200) -> tf.Tensor:
+        """w > 0 with G w = w^(-1/alpha), for a positive definite float64 G."""
+        t = self.num_tasks
+        exponent = 1.0 / self.alpha
+
+        def body(i, w, decrement):
+            gradient = tf.linalg.matvec(gramian, w) - tf.pow(w, -exponent)
+            hessian = gramian + tf.linalg.diag(exponent * tf.pow(w, -exponent - 1.0))
+            delta = -tf.linalg.cholesky_solve(tf.linalg.cholesky(hessian), gradient[:, None])[:, 0]
+            decrement = tf.maximum(-tf.reduce_sum(gradient * delta), 0.0)
+            step = 1.0 / (1.0 + tf.sqrt(decrement))
+            # Stay inside w > 0: at most 90% of the way to the boundary.
+            limit = tf.reduce_min(tf.where(delta < 0.0, -0.9 * w / delta,
+                                           tf.constant(float("inf"), tf.float64)))
+            return i + 1, w + tf.minimum(step, limit) * delta, decrement
+
+        _, w, _ = tf.while_loop(
+            lambda i, w, dec: (i < max_iterations) & (dec > 1e-20), body,
+            (tf.constant(0), tf.fill([t], tf.constant(1.0 / t, tf.float64)),
+             tf.constant(float("inf"), tf.float64)))
+        return w
+
+    def weights_from_gramian(self, gramian: tf.Tensor,
+                             context: StepContext | None = None) -> tf.Tensor:
+        del context
+        gramian = tf.cast(gramian, tf.float64)
+        scale = tf.norm(gramian)
+        normalised = tf.math.divide_no_nan(gramian, scale)
+        normalised += self.RIDGE * tf.eye(self.num_tasks, dtype=tf.float64)
+        w = self._solve(normalised)
+        w = w * tf.pow(tf.maximum(scale, 1e-300), -self.alpha / (self.alpha + 1.0))
+        w = tf.where(scale > 0.0, w, tf.zeros_like(w))
+        return self._record_gradient_weights(tf.cast(w, tf.float32))
+
+
+class DBMTL(GradientWeighting):
+    """Dual-Balancing Multi-Task Learning (Lin, Jiang, Ye, Zhang, Chen, Chen & Kwok,
+    "Dual-Balancing for Multi-Task Learning", 2023), as in LibMTL (the authors' library).
+
+    Loss-scale balancing: each task's gradient is taken of log(L_t + 1e-8), i.e.
+    h_t = grad L_t / (L_t + 1e-8). Gradient-magnitude balancing: an exponential moving average
+    of these,
+
+        m_t(k) = h_t(k) + beta_k (m_t(k-1) - h_t(k)),   beta_k = beta / k^beta_sigma,  m(0) = 0,
+
+    and the direction d = sum_t Task.weight_t * (max_j |m_j| / (|m_t| + 1e-8)) m_t: every
+    tracked gradient rescaled to the largest norm. Row t of the Jacobian is grad of
+    Task.weight_t L_t, so h_t = row_t / (Task.weight_t (L_t + 1e-8)); the fixed weights then
+    multiply the balanced gradients (with all Task.weight = 1 this is exactly LibMTL).
+    `weights()` reports the least-squares combination of the rows closest to d.
+
+    Needs the losses: `context=StepContext(global_losses=...)`.
+
+    Options:
+      beta: EMA factor (in [0, 1)); default 0.9, LibMTL's `--DB_beta`.
+      beta_sigma: decay exponent of beta over steps (>= 0); default 0, LibMTL's
+        `--DB_beta_sigma`.
+
+    State: the tracked gradients m [T, P] and the step count.
+    rep mode: no (LibMTL refuses rep_grad for it).
+    Cost: T backward passes + O(T P) + the Gramian for `weights()`; T x P float32 of state.
+    """
+
+    name = "db_mtl"
+    needs_losses = True
+    no_rep_reason = "LibMTL (the authors' implementation) refuses rep_grad for it"
+
+    def __init__(self, beta: float = 0.9, beta_sigma: float = 0.0):
+        super().__init__()
+        check_option(is_number(beta) and 0 <= beta < 1, self.name, "beta", beta,
+                     "a number in [0, 1)")
+        check_option(is_number(beta_sigma) and beta_sigma >= 0, self.name, "beta_sigma",
+                     beta_sigma, "a number >= 0")
+        self.beta = float(beta)
+        self.beta_sigma = float(beta_sigma)
+
+    def build(self, task_names: Sequence[str], task_weights: Sequence[float]) -> None:
+        super().build(task_names, task_weights)
+        self.grad_buffer = _row_buffer(self.num_tasks, "grad_buffer")
+        self.grad_buffer_width = state_variable(0, "grad_buffer_width", tf.int64)
+        self.steps = state_variable(0.0, "steps")
+
+    def aggregate(self, jacobian: tf.Tensor, context: StepContext | None = None) -> tf.Tensor:
+        losses = self._losses(context)
+        jacobian = tf.convert_to_tensor(jacobian, tf.float32)
+        log_gradients = jacobian * tf.math.divide_no_nan(
+            1.0, self.task_weights * (losses + 1e-8))[:, None]
+        step = self.steps + 1.0
+        beta = self.beta / tf.pow(step, self.beta_sigma)
+        previous = _previous_rows(self.grad_buffer, self.grad_buffer_width, jacobian)
+        buffer = log_gradients + beta * (previous - log_gradients)
+        _store_rows(self.grad_buffer, self.grad_buffer_width, buffer)
+        self.steps.assign(step)
+        norms = _row_norms(buffer)
+        scales = tf.reduce_max(norms) / (norms + 1e-8)
+        direction = tf.linalg.matvec(buffer, self.task_weights * scales, transpose_a=True)
+        self._record_gradient_weights(solvers.least_squares_weights(jacobian, direction))
+        return direction
+
+
+class STCH(LossWeighting):
+    """Smooth Tchebycheff scalarisation (Lin, Zhang, Yang, Zhang, Zhang & Liu, "Smooth
+    Tchebycheff Scalarization for Multi-Objective Optimization", ICML 2024), as in the official
+    multi-task code (Xi-L/STCH, STCH_MTL, built on LibMTL; also LibMTL's `STCH`).
+
+    The paper's scalarisation is mu log sum_t exp(w_t (L_t - z_t) / mu), a smooth maximum. The
+    official multi-task code uses w_t = 1, the log losses against a reference point measured
+    after a warm-up, and a factor T:
+
+        warm-up (epochs < warmup_epoch):   sum_t log(L_t + 1e-20)
+        averaging epoch (== warmup_epoch): the same, and n = the mean of the losses seen
+        after:                             T mu log sum_t exp(log(L_t / n_t + 1e-20) / mu)
+
+    Here an epoch is `period` steps (as `dwa`): warm-up for the first `warmup_periods * period`
+    steps, the reference point n averaged over the next `period` steps, then STCH. The step
+    differentiates `sum_t stop_gradient(c_t) * L_t` with c_t = dObjective/dL_t from the global
+    losses (log phase: 1 / (L_t + 1e-20); STCH phase: T softmax_t(l / mu) / (L_t + 1e-20 n_t)),
+    times Task.weight: the official objective's gradient, exact under distribution (the
+    returned value is not the objective's). A task with loss 0 (no label in the update) gets
+    weight 0, is left out of the softmax, and is not averaged into n.
+
+    Options:
+      mu: smoothing parameter (> 0); default 1.0, LibMTL's `--STCH_mu`.
+      warmup_periods: warm-up epochs (an int >= 0); default 4, LibMTL's `--STCH_warmup_epoch`.
+      period: steps per epoch (an int >= 1); default 100 (as `dwa`; set it to the steps of an
+        epoch to follow the official code exactly).
+
+    State: step count, the running sum and count of the losses, the reference point n.
+    Cost: as `equal`.
+    """
+
+    name = "stch"
+
+    def __init__(self, mu: float = 1.0, warmup_periods: int = 4, period: int = 100):
+        super().__init__()
+        check_option(is_number(mu) and mu > 0, self.name, "mu", mu, "a number > 0")
+        check_option(is_int(warmup_periods) and warmup_periods >= 0, self.name,
+                     "warmup_periods", warmup_periods, "an integer >= 0")
+        check_option(is_int(period) and period >= 1, self.name, "period", period,
+                     "an integer >= 1 (steps)")
+        self.mu = float(mu)
+        self.warmup_periods = int(warmup_periods)
+        self.period = int(period)
+
+    def build(self, task_names: Sequence[str], task_weights: Sequence[float]) -> None:
+        super().build(task_names, task_weights)
+        t = self.num_tasks
+        self.steps = state_variable(0, "steps", tf.int64)
+        self.loss_sum = state_variable(tf.zeros([t]), "loss_sum")
+        self.loss_count = state_variable(tf.zeros([t]), "loss_count")
+        self._create_last_weights()
+
+    def combine(self, losses: tf.Tensor, context: StepContext | None = None) -> tf.Tensor:
+        current = global_losses(losses, context)
+        present = current > 0.0
+        warmup_end = self.warmup_periods * self.period
+        averaging = (self.steps >= warmup_end) & (self.steps < warmup_end + self.period)
+        stch_phase = self.steps >= warmup_end + self.period
+
+        ones = tf.ones_like(current)
+        nadir = tf.where(self.loss_count > 0.0,
+                         tf.math.divide_no_nan(self.loss_sum, self.loss_count), ones)
+        log_ratio = tf.math.log(tf.where(present, current / nadir, 1.0) + 1e-20)
+        logits = tf.where(present, log_ratio / self.mu, -float("inf"))
+        softmax = tf.where(present, tf.nn.softmax(logits), 0.0)
+        stch = self.num_tasks * softmax / (current + 1e-20 * nadir)
+        log_sum = 1.0 / (current + 1e-20)
+        adaptive = tf.where(present, tf.where(stch_phase, stch, log_sum), 0.0)
+        weights = self._record_weights(self.task_weights * adaptive)
+
+        take = averaging & present
+        self.loss_sum.assign_add(tf.where(take, current, 0.0))
+        self.loss_count.assign_add(tf.where(take, 1.0, 0.0))
+        self.steps.assign_add(1)
+        return tf.reduce_sum(weights * losses)
+
+
+class ConFIG(GradientWeighting):
+    """ConFIG (Liu, Chen & Thuerey, "ConFIG: Towards Conflict-free Training of Physics Informed
+    Neural Networks", ICLR 2025; official package `conflictfree`, and TorchJD's `ConFIG`).
+
+    With the unit rows u_t = g_t / |g_t| (a zero row stays zero), the direction whose inner
+    product with every unit row is equal (= 1) and of least norm, b = pinv(U) 1, rescaled to the
+    sum of the gradients' projections onto it:
+
+        d = (sum_t g_t . b^) b^,   b^ = b / |b|.
+
+    Where U has full row rank every g_t . d = |g_t| (b^ . u_t) * (sum_j g_j . b^) > 0: no conflict.
+    pinv(U) 1 = U^T c with c = (U U^T)^+ 1; U U^T is formed in float64 from the Jacobian and
+    pseudo-inverted with singular values of U below T * float32 eps * the largest treated as
+    zero (float32 data does not resolve smaller ones; two identical rows count once). The
+    official default length model `ProjectionLength` and equal weights are used.
+
+    rep mode: no (the paper and official package act on the network's parameters).
+    Cost: T backward passes + a float64 Gramian of the unit rows (T^2 P) + a T x T
+    eigendecomposition.
+    """
+
+    name = "config"
+    no_rep_reason = "its paper and official package combine the parameters' gradients"
+
+    def aggregate(self, jacobian: tf.Tensor, context: StepContext | None = None) -> tf.Tensor:
+        del context
+        jacobian64 = tf.cast(jacobian, tf.float64)
+        norms = _row_norms(jacobian64)
+        inverse_norms = tf.math.divide_no_nan(tf.ones_like(norms), norms)
+        units = jacobian64 * inverse_norms[:, None]
+        gram = tf.matmul(units, units, transpose_b=True)
+        eigenvalues, eigenvectors = tf.linalg.eigh(gram)
+        singular = tf.sqrt(tf.maximum(eigenvalues, 0.0))
+        kept = singular > tf.reduce_max(singular) * self.num_tasks * _FLOAT32_EPS
+        inverse = tf.where(kept, 1.0 / tf.where(kept, eigenvalues, 1.0), 0.0)
+        pinv_gram = tf.matmul(eigenvectors * inverse[None, :], eigenvectors, transpose_b=True)
+        c = tf.reduce_sum(pinv_gram, axis=1)                          # (U U^T)^+ 1
+        b_norm = tf.sqrt(tf.maximum(tf.reduce_sum(c * tf.linalg.matvec(gram, c)), 0.0))
+        # d = (1^T J b^) b^ = (1^T G_JU c / |b|^2) U^T c, with G_JU = J U^T = diag(|g|) U U^T.
+        projections = norms * tf.linalg.matvec(gram, c)               # g_t . b
+        length = tf.math.divide_no_nan(tf.reduce_sum(projections), tf.square(b_norm))
+        row_weights = tf.cast(length * c * inverse_norms, tf.float32)
+        self._record_gradient_weights(row_weights)
+        return tf.linalg.matvec(jacobian, row_weights, transpose_a=True)
+
+
+class DualProj(GramianWeighting):
+    """DualProj (TorchJD's `DualProj`; Quinton & Rey, "Jacobian Descent for Multi-Objective
+    Optimization", 2024; Equation 11 of Lopez-Paz & Ranzato's GEM, NeurIPS 2017).
+
+    The mean of the rows projected onto the dual cone of the rows {x : J x >= 0}: by the
+    paper's Proposition 1 the projection of J^T u (u = 1/T) is J^T v with
+
+        v = argmin_v v^T G v  s.t.  v >= u,
+
+    so every task's gain g_t . d = (G v)_t >= 0. As TorchJD, G is divided by its trace (a trace
+    below `norm_eps` gives zero weights) and `reg_eps` I is added; the non-conflict property
+    then holds up to that regulariser (exactly with reg_eps = 0). The QP is solved by projected
+    coordinate descent (`solvers.project_to_dual_cone`, up to 5000 sweeps).
+
+    Options:
+      reg_eps: ridge added to the normalised Gramian (>= 0); default 1e-4, TorchJD's default.
+      norm_eps: trace below which the weights are zero (>= 0); default 1e-4, TorchJD's default.
+
+    rep mode: no (TorchJD defines it on the Jacobian of the shared parameters).
+    Cost: T backward passes + the Gramian + the T x T QP.
+    """
+
+    name = "dualproj"
+    no_rep_reason = "TorchJD defines it on the Jacobian of the shared parameters"
+
+    def __init__(self, reg_eps: float = 1e-4, norm_eps: float = 1e-4):
+        super().__init__()
+        check_option(is_number(reg_eps) and reg_eps >= 0, self.name, "reg_eps", reg_eps,
+                     "a number >= 0")
+        check_option(is_number(norm_eps) and norm_eps >= 0, self.name, "norm_eps", norm_eps,
+                     "a number >= 0")
+        self.reg_eps = float(reg_eps)
+        self.norm_eps = float(norm_eps)
+
+    def weights_from_gramian(self, gramian: tf.Tensor,
+                             context: StepContext | None = None) -> tf.Tensor:
+        del context
+        gramian = tf.convert_to_tensor(gramian, tf.float32)
+        trace = tf.linalg.trace(gramian)
+        normalised = tf.where(trace >= self.norm_eps, gramian / trace, tf.zeros_like(gramian))
+        normalised += self.reg_eps * tf.eye(self.num_tasks)
+        lower = tf.fill([1, self.num_tasks], 1.0 / self.num_tasks)
+        v = _project_to_dual_cone(normalised, lower)[0]
+        v = tf.where(trace >= self.norm_eps, v, tf.zeros_like(v))
+        return self._record_gradient_weights(v)
+
+
+class MoCo(GradientWeighting):
+    """MoCo (Fernando, Shen, Liu, Chaudhury, Murugesan & Chen, "Mitigating Gradient Bias in
+    Multi-objective Learning: A Provably Convergent Approach", ICLR 2023), as in LibMTL
+    (implemented there from the authors' code).
+
+    Tracked gradients y_t and task weights lambda (start y = 0, lambda = 1/T); at step k,
+
+        h_t = g_t / (|g_t| + 1e-8) * L_t                (LibMTL's normalisation of the rows)
+        y_t <- y_t - beta_k (y_t - h_t),                 beta_k = beta / k^beta_sigma
+        lambda <- softmax(lambda - gamma_k (Y Y^T + rho I) lambda),  gamma_k = gamma / k^gamma_sigma
+        d = Y^T lambda.
+
+    The paper projects lambda onto the simplex instead of the softmax (`lambda_update=
+    "projection"`); LibMTL and the authors' code use the softmax (the default). Row t of the
+    Jacobian is grad of Task.weight_t L_t, and L_t here is that weighted loss (with all
+    Task.weight = 1, exactly LibMTL). `weights()` reports the least-squares combination of the
+    rows closest to d. Needs the losses: `context=StepContext(global_losses=...)`.
+
+    Options (defaults: LibMTL's `--MoCo_*` arguments):
+      beta: step of y (in (0, 1]); default 0.5.      beta_sigma: its decay exponent; default 0.5.
+      gamma: step of lambda (> 0); default 0.1.      gamma_sigma: its decay exponent; default 0.5.
+      rho: l2 regularisation of lambda's update (>= 0); default 0.
+      lambda_update: "softmax" (LibMTL, authors' code) or "projection" (the paper).
+
+    State: y [T, P], lambda [T], the step count.
+    rep mode: no (LibMTL refuses rep_grad for it).
+    Cost: T backward passes + Y Y^T (T^2 P) + the Gramian for `weights()`; T x P float32 of state.
+    """
+
+    name = "moco"
+    needs_losses = True
+    no_rep_reason = "LibMTL (from the authors' code) refuses rep_grad for it"
+    LAMBDA_UPDATES = ("softmax", "projection")
+
+    def __init__(self, beta: float = 0.5, beta_sigma: float = 0.5, gamma: float = 0.1,
+                 gamma_sigma: float = 0.5, rho: float = 0.0, lambda_update: str = "softmax"):
+        super().__init__()
+        check_option(is_number(beta) and 0 < beta <= 1, self.name, "beta", beta,
+                     "a number in (0, 1]")
+        check_option(is_number(gamma) and gamma > 0, self.name, "gamma", gamma, "a number > 0")
+        for option, value in (("beta_sigma", beta_sigma), ("gamma_sigma", gamma_sigma),
+                              ("rho", rho)):
+            check_option(is_number(value) and value >= 0, self.name, option, value,
+                         "a number >= 0")
+        check_option(lambda_update in self.LAMBDA_UPDATES, self.name, "lambda_update",
+                     lambda_update, f"one of {self.LAMBDA_UPDATES}")
+        self.beta, self.beta_sigma = float(beta), float(beta_sigma)
+        self.gamma, self.gamma_sigma = float(gamma), float(gamma_sigma)
+        self.rho = float(rho)
+        self.lambda_update = lambda_update
+
+    def build(self, task_names: Sequence[str], task_weights: Sequence[float]) -> None:
+        super().build(task_names, task_weights)
+        self.tracked = _row_buffer(self.num_tasks, "tracked_gradients")
+        self.tracked_width = state_variable(0, "tracked_width", tf.int64)
+        self.lambdas = state_variable(tf.fill([self.num_tasks], 1.0 / self.num_tasks), "lambdas")
+        self.steps = state_variable(0.0, "steps")
+
+    def aggregate(self, jacobian: tf.Tensor, context: StepContext | None = None) -> tf.Tensor:
+        losses = self._losses(context) * self.task_weights
+        jacobian = tf.convert_to_tensor(jacobian, tf.float32)
+        step = self.steps + 1.0
+        rows = jacobian / (_row_norms(jacobian) + 1e-8)[:, None] * losses[:, None]
+        previous = _previous_rows(self.tracked, self.tracked_width, jacobian)
+        y = previous - self.beta / tf.pow(step, self.beta_sigma) * (previous - rows)
+        gram = tf.matmul(y, y, transpose_b=True) + self.rho * tf.eye(self.num_tasks)
+        lambdas = tf.convert_to_tensor(self.lambdas)
+        moved = lambdas - self.gamma / tf.pow(step, self.gamma_sigma) * tf.linalg.matvec(
+            gram, lambdas)
+        lambdas = (tf.nn.softmax(moved) if self.lambda_update == "softmax"
+                   else _project_to_simplex(moved))
+        _store_rows(self.tracked, self.tracked_width, y)
+        self.lambdas.assign(lambdas)
+        self.steps.assign(step)
+        direction = tf.linalg.matvec(y, lambdas, transpose_a=True)
+        self._record_gradient_weights(solvers.least_squares_weights(jacobian, direction))
+        return direction
+
+
+def _project_to_simplex(x: tf.Tensor) -> tf.Tensor:
+    """Euclidean projection of x [T] onto the probability simplex (sort-based)."""
+    t = x.shape[0]
+    sorted_x = tf.sort(x, direction="DESCENDING")
+    cumulative = tf.cumsum(sorted_x) - 1.0
+    index = tf.range(1, t + 1, dtype=x.dtype)
+    support = tf.reduce_sum(tf.cast(sorted_x - cumulative / index > 0.0, tf.int32))
+    threshold = tf.gather(cumulative, support - 1) / tf.cast(support, x.dtype)
+    return tf.maximum(x - threshold, 0.0)
