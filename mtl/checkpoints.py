@@ -18,6 +18,8 @@ import tempfile
 import tensorflow as tf
 from absl import logging
 
+from mtl.config import UsageError
+
 
 class CheckpointWriteError(OSError):
     """A checkpoint could not be written (the previous one is left intact)."""
@@ -25,6 +27,14 @@ class CheckpointWriteError(OSError):
 
 class CheckpointReadError(OSError):
     """No checkpoint in model_dir can be read, or it belongs to a different model."""
+
+
+class ModelDirError(CheckpointWriteError, UsageError):
+    """`model_dir` cannot be used: not writable (the user's to fix: exit status 2)."""
+
+
+class ForeignCheckpointError(CheckpointReadError, UsageError):
+    """`model_dir` holds a run of another model (the user's to fix: exit status 2)."""
 
 
 def check_writable(model_dir: str) -> None:
@@ -35,7 +45,7 @@ def check_writable(model_dir: str) -> None:
             f.write("ok")
         tf.io.gfile.remove(probe)
     except (tf.errors.OpError, OSError) as e:
-        raise CheckpointWriteError(
+        raise ModelDirError(
             f"model_dir {model_dir!r} is not writable ({type(e).__name__}: "
             f"{str(e).splitlines()[0] if str(e) else e}); choose a folder you can write to."
         ) from None
@@ -81,18 +91,18 @@ def check_signature(directory: str, signature: dict) -> None:
     with tf.io.gfile.GFile(path) as f:
         saved = json.load(f)
     if saved["tasks"] != signature["tasks"]:
-        raise CheckpointReadError(
+        raise ForeignCheckpointError(
             f"{directory} holds a run with tasks {saved['tasks']}, but this model has tasks "
             f"{signature['tasks']}; use another model_dir (nothing was loaded).")
     ours, theirs = signature["variables"], saved["variables"]
     for i, (mine, old) in enumerate(zip(ours, theirs)):
         if mine[1] != old[1]:
-            raise CheckpointReadError(
+            raise ForeignCheckpointError(
                 f"{directory} holds a different model: variable {i} is {old[0]} of shape "
                 f"{tuple(old[1])} there, but {mine[0]} of shape {tuple(mine[1])} here; use "
                 "another model_dir (nothing was loaded).")
     if len(ours) != len(theirs):
-        raise CheckpointReadError(
+        raise ForeignCheckpointError(
             f"{directory} holds a different model: {len(theirs)} variables there, "
             f"{len(ours)} here; use another model_dir (nothing was loaded).")
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from typing import Any
 
 ON_NONFINITE = ("stop", "skip")
@@ -315,6 +316,10 @@ class Config:
             weighting_lib.get(self.weighting, **self.weighting_options)
         except ValueError as e:
             raise UsageError(f"--weighting_options: {e}") from None
+        for name in ("data_dir", "model_dir"):
+            path = getattr(self, name)
+            if path and os.path.isfile(path):
+                raise UsageError(f"--{name}={path!r} is a file; expected a folder.")
         if self.cpu_replicas is not None and self.strategy not in ("mirrored", "one_device"):
             raise UsageError(f"--cpu_replicas={self.cpu_replicas} needs --strategy=mirrored; "
                              f"got --strategy={self.strategy!r}.")

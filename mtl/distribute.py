@@ -73,6 +73,10 @@ def parse_tf_config(text: str | None = None) -> dict:
     return config
 
 
+class NoTPUError(UsageError, RuntimeError):
+    """`--strategy=tpu` where no TPU answers (the user's to fix)."""
+
+
 def get_strategy(name: str = "default", *, num_gpus: int | None = None,
                  cpu_replicas: int | None = None, tpu: str | None = None
                  ) -> tf.distribute.Strategy:
@@ -91,7 +95,7 @@ def get_strategy(name: str = "default", *, num_gpus: int | None = None,
             tf.config.experimental_connect_to_cluster(resolver)
             tf.tpu.experimental.initialize_tpu_system(resolver)
         except (ValueError, RuntimeError, tf.errors.OpError) as e:
-            raise RuntimeError(f"strategy 'tpu': no TPU found at {tpu or '(local)'!r} ({e}). Pass "
+            raise NoTPUError(f"strategy 'tpu': no TPU found at {tpu or '(local)'!r} ({e}). Pass "
                                "--tpu=ADDRESS on a TPU VM or host.") from None
         return tf.distribute.TPUStrategy(resolver)
     if cpu_replicas:

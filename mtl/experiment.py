@@ -183,11 +183,11 @@ def main(experiment: Experiment, argv: Sequence[str]) -> None:
 
         print(e.message, file=sys.stderr)
         sys.exit(e.code)
+    except UsageError as e:  # first: a refused model_dir is also a checkpoint error
+        _exit_with_error(e)
     except (trainer_lib.NonFiniteError, trainer_lib.CheckpointReadError,
             trainer_lib.CheckpointWriteError) as e:
         _exit_with_error(e, status=1)
-    except UsageError as e:
-        _exit_with_error(e)
 
 
 def _exit_with_error(error: Exception, status: int = 2) -> None:

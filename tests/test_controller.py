@@ -269,3 +269,16 @@ def test_no_readable_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
     (tmp_path / "checkpoints" / "checkpoint").write_text("junk")
     with pytest.raises(mtl.CheckpointReadError, match="No readable checkpoint"):
         _recorded_trainer(tmp_path)
+
+
+def test_inputs_that_name_the_wrong_kind_of_thing_are_usage_errors(tmp_path):
+    a_file = tmp_path / "not_a_folder"
+    a_file.write_text("x")
+    with pytest.raises(mtl.UsageError, match=r"--data_dir=.* is a file; expected a folder"):
+        mtl.Config(data_dir=str(a_file))
+    with pytest.raises(mtl.UsageError, match="strategy 'tpu': no TPU found"):
+        mtl.distribute.get_strategy("tpu")
+    # A model_dir that cannot be written: the user's to fix (status 2), and a checkpoint error.
+    with pytest.raises(mtl.UsageError, match="is not writable") as refused:
+        mtl.Trainer(_model(), _tasks(), optimizer="sgd", model_dir=str(a_file / "run"))
+    assert isinstance(refused.value, mtl.CheckpointWriteError)

@@ -47,7 +47,6 @@ def test_failed_download_names_dataset_folder_and_remedy(tmp_path, monkeypatch, 
             "HTTPSConnectionPool(host='example.org', port=443): Max retries exceeded")
 
     monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", offline)
-    monkeypatch.setattr(pipeline, "unreachable_download_hosts", lambda builder: [])
     with pytest.raises(pipeline.DatasetUnavailableError) as raised:
         module.load(module.SPLITS[0], batch_size=4, training=True, data_dir=str(tmp_path))
     message = str(raised.value)
@@ -67,7 +66,6 @@ def test_preparing_a_dataset_leaves_the_global_random_state_untouched(tmp_path, 
 
     monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare",
                         prepare_drawing_random_numbers)
-    monkeypatch.setattr(pipeline, "unreachable_download_hosts", lambda builder: [])
     random.seed(1)
     np.random.seed(1)
     with pytest.raises(pipeline.DatasetUnavailableError):  # Nothing was written to read back.
@@ -87,6 +85,17 @@ def test_download_false_fails_at_once_when_the_data_is_missing(tmp_path):
     assert time.perf_counter() - start < 30
 
 
+def test_a_replaced_downloader_is_not_probed(tmp_path, monkeypatch):
+    def prepare(self, *args, **kwargs):
+        raise RuntimeError("the replaced downloader ran")
+
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", prepare)
+    builder = tfds.builder("cifar100", data_dir=str(tmp_path))
+    assert not pipeline.downloads_for_real(builder)
+    with pytest.raises(pipeline.DatasetUnavailableError, match="the replaced downloader ran"):
+        pipeline.load_tfds("cifar100", "train", data_dir=str(tmp_path))
+
+
 def test_unreachable_download_source_fails_fast_without_the_retry_loop(tmp_path, monkeypatch):
     import socket
 
@@ -98,6 +107,7 @@ def test_unreachable_download_source_fails_fast_without_the_retry_loop(tmp_path,
 
     monkeypatch.setattr(socket, "create_connection", no_route)
     monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", must_not_download)
+    monkeypatch.setattr(pipeline, "downloads_for_real", lambda builder: True)
     start = time.perf_counter()
     with pytest.raises(pipeline.DatasetUnavailableError,
                        match=r"(?s)Dataset 'cifar100' is not prepared.*cannot reach "

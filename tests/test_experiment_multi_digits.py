@@ -79,6 +79,19 @@ def test_script_trains_evaluates_and_resumes(tmp_path, digits_data_dir):
     assert json.loads((model_dir / "config.json").read_text())["learning_rate"] == 0.001
 
 
+def test_a_refused_model_dir_and_a_bad_enum_flag_exit_2_with_a_message(tmp_path):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    for args, message in (([f"--model_dir={a_file}/run"], "is not writable"),
+                          (["--mixed_precision=float8", f"--model_dir={tmp_path}/r"],
+                           "flag --mixed_precision=float8: value should be one of")):
+        run = subprocess.run([sys.executable, SCRIPT, *args], env=_env(), capture_output=True,
+                             text=True, timeout=120)
+        assert run.returncode == 2, run.stderr[-2000:]
+        assert "error: " in run.stderr and message in run.stderr
+        assert "Traceback" not in run.stderr and "FATAL" not in run.stderr
+
+
 def test_bad_flag_value_fails_with_a_message_and_no_traceback(tmp_path):
     run = subprocess.run([sys.executable, SCRIPT, "--batch_size=0",
                           f"--model_dir={tmp_path}"], env=_env(), capture_output=True,
