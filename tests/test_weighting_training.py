@@ -106,8 +106,8 @@ def test_method_state_is_checkpointed(tmp_path):
 
 
 def test_rep_mode_errors():
-    with pytest.raises(ValueError, match=r"gradient_mode='rep' cannot be used with weighting "
-                                         r"'nash_mtl'"):
+    with pytest.raises(ValueError, match=r"gradient_mode='rep' is not defined for weighting "
+                                         r"'nash_mtl': the official code"):
         _trainer("nash_mtl", gradient_mode="rep")
     with pytest.raises(ValueError, match="Unknown weighting method 'pcgard'"):
         _trainer("pcgard")
