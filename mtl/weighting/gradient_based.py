@@ -184,7 +184,17 @@ class NashMTL(GramianWeighting):
         normalised = tf.math.divide_no_nan(gramian, tf.square(scale))
         normalised += self.RIDGE * tf.eye(self.num_tasks, dtype=tf.float64)
         previous = tf.convert_to_tensor(self.alpha)
-        alpha = solvers.nash_bargaining(normalised, tf.cast(previous, tf.float64) * scale)
+        # Warm start at the previous weights (in normalised units), or at the solution for a
+        # diagonal Gramian when that is closer (the first call; a jump in gradient scale).
+        warm = tf.cast(previous, tf.float64) * scale
+        cold = tf.math.rsqrt(tf.maximum(tf.linalg.diag_part(normalised), 1e-30))
+
+        def objective(a):  # the convex function whose minimiser is the solution
+            return 0.5 * tf.reduce_sum(a * tf.linalg.matvec(normalised, a)) \
+                - tf.reduce_sum(tf.math.log(a))
+
+        start = tf.where(objective(warm) <= objective(cold), warm, cold)
+        alpha = solvers.nash_bargaining(normalised, start)
         alpha = tf.cast(tf.math.divide_no_nan(alpha, scale), tf.float32)
         return tf.where(tf.reduce_all(tf.math.is_finite(alpha) & (alpha > 0.0)), alpha, previous)
 
