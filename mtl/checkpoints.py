@@ -138,6 +138,12 @@ class Checkpointer:
     def latest(self) -> str | None:
         return self._manager.latest_checkpoint if self._manager else None
 
+    def check_model(self) -> None:
+        """Refuses a `model_dir` that holds checkpoints of another model (other tasks or
+        variable shapes), before anything is loaded."""
+        if self._manager is not None and self._candidates():
+            check_signature(self._manager.directory, self.signature)
+
     def track(self, name: str, trackable) -> None:
         setattr(self.checkpoint, name, trackable)
 

@@ -98,12 +98,8 @@ class Trainer:
         task_names = getattr(model, "task_names", None)
         if task_names is None:
             outputs = getattr(model, "output", None)
-            if not isinstance(outputs, dict):
-                raise UsageTypeError(
-                    f"The model must have dict outputs {{task name: output}} (a "
-                    f"mtl.MultiTaskModel, or a Functional model built with a dict of outputs); "
-                    f"{model.name!r} has outputs of type {type(outputs).__name__}.")
-            task_names = list(outputs)
+            # Not a dict: the validation below says what is expected, with the output shapes.
+            task_names = list(outputs) if isinstance(outputs, dict) else list(model.outputs)
         validation.check_tasks_match_heads(tasks, task_names)
         self.strategy = strategy or tf.distribute.get_strategy()
         self.model = model
@@ -398,14 +394,15 @@ class Trainer:
         """Stops training on a non-finite loss or gradient (the bad update was not applied)."""
         losses = stats[:len(self.tasks)]
         bad = [t.name for t, v in zip(self.tasks, losses) if not np.isfinite(v)]
-        what = (f"non-finite loss in task(s) {bad} (a NaN/inf label or prediction, or a class "
-                f"id outside the head's classes)" if bad else
+        what = (f"non-finite loss in task(s) {bad}" if bad else
                 "non-finite gradient (task losses were finite: "
                 + ", ".join(f"{t.name}={v:.4g}" for t, v in zip(self.tasks, losses)) + ")")
         raise NonFiniteError(
             f"Training stopped at step {self.global_step + 1}: {what}; the update was not "
-            f"applied. Last good checkpoint: {self.checkpointer.latest or 'none'}. Use "
-            "on_nonfinite='skip' (--on_nonfinite=skip) to drop such steps instead.")
+            f"applied. Last good checkpoint: {self.checkpointer.latest or 'none'}. "
+            + ("A NaN/inf label or prediction, or a class id outside the head's classes, makes "
+               "a task's loss non-finite. " if bad else "")
+            + "Use on_nonfinite='skip' (--on_nonfinite=skip) to drop such steps instead.")
 
     def _check_data(self, data: Data, where: str) -> None:
         """Checks structure, shapes, batch split and the first batch's label values before any
@@ -502,6 +499,7 @@ class Trainer:
         (unless `allow_config_change` names them); returns the allowed changes."""
         if not self.model_dir:
             return {}
+        self.checkpointer.check_model()  # another model is refused as such, first
         path = os.path.join(self.model_dir, TRAINER_RECORD)
         changes = run_record.check(run_record.read(path), self.record(), free=(),
                                    allowed=self.options.allow_config_change,

@@ -15,9 +15,10 @@ import mtl  # noqa: E402
 from mtl import weighting  # noqa: E402
 from mtl.weighting import StepContext  # noqa: E402
 
-LOSS_METHODS = ["equal", "uncertainty", "dwa", "rlw", "gls", "famo"]
+LOSS_METHODS = ["equal", "uncertainty", "dwa", "rlw", "gls", "famo", "stch"]
 GRADIENT_METHODS = ["pcgrad", "gradvac", "graddrop", "mgda", "cagrad", "imtl", "nash_mtl",
-                    "aligned_mtl", "upgrad", "gradnorm"]
+                    "aligned_mtl", "upgrad", "gradnorm", "fairgrad", "db_mtl", "config",
+                    "dualproj", "moco"]
 
 
 def built(name, num_tasks=2, task_weights=None, **options):
@@ -53,7 +54,8 @@ def test_rep_mode_support_follows_the_papers():
     supports = {name: weighting.METHODS[name].supports_rep for name in GRADIENT_METHODS}
     assert supports == {"pcgrad": False, "gradvac": False, "graddrop": False, "mgda": True,
                         "cagrad": False, "imtl": True, "nash_mtl": False, "aligned_mtl": True,
-                        "upgrad": False, "gradnorm": True}
+                        "upgrad": False, "gradnorm": True, "fairgrad": False, "db_mtl": False,
+                        "config": False, "dualproj": False, "moco": False}
 
 
 def test_unknown_method_name_is_a_clear_error():
