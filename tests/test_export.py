@@ -296,7 +296,9 @@ def _custom_model(layer):
 def test_a_model_that_cannot_be_rebuilt_is_not_recorded_and_export_says_why(tmp_path, caplog):
     # A registered custom layer is recorded; an unregistered one (Keras could not find its
     # class when rebuilding) gets a warning and no file.
-    assert runs.record_model(str(tmp_path / "ok"), _custom_model(_Registered())) is not None
+    recorded = runs.record_model(str(tmp_path / "ok"), _custom_model(_Registered()))
+    assert recorded and os.path.isfile(recorded)
+    assert type(_Registered()).__name__ in open(recorded).read()
     with caplog.at_level("WARNING"):
         trainer = mtl.Trainer(_custom_model(_Unregistered()), [mtl.Task("sum", loss="mse")],
                               optimizer="adam", model_dir=str(tmp_path / "run"))

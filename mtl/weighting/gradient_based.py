@@ -266,7 +266,29 @@ class AlignedMTL(GramianWeighting):
         return self._record_gradient_weights(weights)
 
 
-class UPGrad(GramianWeighting):
+class TraceNormalisedGramian(GramianWeighting):
+    """TorchJD's dual-cone methods (`upgrad`, `dualproj`): the Gramian divided by its trace
+    (`norm_eps` guards a zero trace) and regularised with `reg_eps` I."""
+
+    def __init__(self, reg_eps: float = 1e-4, norm_eps: float = 1e-4):
+        super().__init__()
+        check_option(is_number(reg_eps) and reg_eps >= 0, self.name, "reg_eps", reg_eps,
+                     "a number >= 0")
+        check_option(is_number(norm_eps) and norm_eps >= 0, self.name, "norm_eps", norm_eps,
+                     "a number >= 0")
+        self.reg_eps = float(reg_eps)
+        self.norm_eps = float(norm_eps)
+
+    def _normalised(self, gramian: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """(the normalised, regularised Gramian, whether the trace was large enough)."""
+        gramian = tf.convert_to_tensor(gramian, tf.float32)
+        trace = tf.linalg.trace(gramian)
+        usable = trace >= self.norm_eps
+        normalised = tf.where(usable, gramian / trace, tf.zeros_like(gramian))
+        return normalised + self.reg_eps * tf.eye(self.num_tasks), usable
+
+
+class UPGrad(TraceNormalisedGramian):
     """Unconflicting Projection of Gradients (Quinton & Rey, "Jacobian Descent for
     Multi-Objective Optimization", 2024; TorchJD's `UPGrad`).
 
@@ -289,22 +311,10 @@ class UPGrad(GramianWeighting):
     name = "upgrad"
     no_rep_reason = "TorchJD defines it on the Jacobian of the shared parameters"
 
-    def __init__(self, reg_eps: float = 1e-4, norm_eps: float = 1e-4):
-        super().__init__()
-        check_option(is_number(reg_eps) and reg_eps >= 0, self.name, "reg_eps", reg_eps,
-                     "a number >= 0")
-        check_option(is_number(norm_eps) and norm_eps >= 0, self.name, "norm_eps", norm_eps,
-                     "a number >= 0")
-        self.reg_eps = float(reg_eps)
-        self.norm_eps = float(norm_eps)
-
     def weights_from_gramian(self, gramian: tf.Tensor,
                              context: StepContext | None = None) -> tf.Tensor:
         del context
-        gramian = tf.convert_to_tensor(gramian, tf.float32)
-        trace = tf.linalg.trace(gramian)
-        normalised = tf.where(trace >= self.norm_eps, gramian / trace, tf.zeros_like(gramian))
-        normalised += self.reg_eps * tf.eye(self.num_tasks)
+        normalised, _ = self._normalised(gramian)
         lower = tf.eye(self.num_tasks) / self.num_tasks
         projections = solvers.project_to_dual_cone(normalised, lower)
         return self._record_gradient_weights(tf.reduce_sum(projections, axis=0))

@@ -23,6 +23,7 @@ import tensorflow as tf
 from mtl.weighting import solvers
 from mtl.weighting.base import (GradientWeighting, GramianWeighting, LossWeighting, StepContext,
                                 check_option, global_losses, is_int, is_number, state_variable)
+from mtl.weighting.gradient_based import TraceNormalisedGramian
 
 _FLOAT32_EPS = 1.1920929e-07
 
@@ -322,7 +323,7 @@ class ConFIG(GradientWeighting):
         return tf.linalg.matvec(jacobian, row_weights, transpose_a=True)
 
 
-class DualProj(GramianWeighting):
+class DualProj(TraceNormalisedGramian):
     """DualProj (TorchJD's `DualProj`; Quinton & Rey, "Jacobian Descent for Multi-Objective
     Optimization", 2024; Equation 11 of Lopez-Paz & Ranzato's GEM, NeurIPS 2017).
 
@@ -347,25 +348,13 @@ class DualProj(GramianWeighting):
     name = "dualproj"
     no_rep_reason = "TorchJD defines it on the Jacobian of the shared parameters"
 
-    def __init__(self, reg_eps: float = 1e-4, norm_eps: float = 1e-4):
-        super().__init__()
-        check_option(is_number(reg_eps) and reg_eps >= 0, self.name, "reg_eps", reg_eps,
-                     "a number >= 0")
-        check_option(is_number(norm_eps) and norm_eps >= 0, self.name, "norm_eps", norm_eps,
-                     "a number >= 0")
-        self.reg_eps = float(reg_eps)
-        self.norm_eps = float(norm_eps)
-
     def weights_from_gramian(self, gramian: tf.Tensor,
                              context: StepContext | None = None) -> tf.Tensor:
         del context
-        gramian = tf.convert_to_tensor(gramian, tf.float32)
-        trace = tf.linalg.trace(gramian)
-        normalised = tf.where(trace >= self.norm_eps, gramian / trace, tf.zeros_like(gramian))
-        normalised += self.reg_eps * tf.eye(self.num_tasks)
+        normalised, usable = self._normalised(gramian)
         lower = tf.fill([1, self.num_tasks], 1.0 / self.num_tasks)
         v = _project_to_dual_cone(normalised, lower)[0]
-        v = tf.where(trace >= self.norm_eps, v, tf.zeros_like(v))
+        v = tf.where(usable, v, tf.zeros_like(v))
         return self._record_gradient_weights(v)
 
 
