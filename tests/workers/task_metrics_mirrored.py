@@ -4,6 +4,7 @@ Run as a subprocess: logical devices must be set before TF initialises."""
 
 import json
 import os
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -13,28 +14,8 @@ import tensorflow as tf  # noqa: E402
 
 import mtl  # noqa: E402
 
-
-class ScaledMSE(keras.losses.Loss):
-    def __init__(self, factor=1.0, **kwargs):
-        super().__init__(**kwargs)
-        self.factor = factor
-
-    def call(self, y_true, y_pred):
-        return self.factor * keras.ops.mean(keras.ops.square(y_pred - y_true), axis=-1)
-
-
-class FractionAbove(keras.metrics.Mean):
-    def __init__(self, threshold=0.5, name="above", **kwargs):
-        super().__init__(name=name, **kwargs)
-        self.threshold = threshold
-
-    def update_state(self, y_true, y_pred, sample_weight=None):
-        del y_true
-        return super().update_state(tf.cast(y_pred > self.threshold, tf.float32), sample_weight)
-
-
-def absolute_error(y_true, y_pred):
-    return tf.abs(y_true - y_pred)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from test_tasks import FractionAbove, ScaledMSE, absolute_error  # noqa: E402
 
 
 def main():
