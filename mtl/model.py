@@ -6,6 +6,9 @@ Two ways to build one:
   * `MultiTaskModel.from_models({task: keras.Model})`: models built separately that share layer
     *instances* (one `Conv2D` object in two `Sequential`s). Keras deduplicates variables, so a shared
     kernel appears once in `trainable_variables` and receives the sum of every model's gradient.
+  * `MultiTaskModel.from_outputs(inputs, {task: output})`: any Functional graph with one output
+    per task, such as the soft-sharing architectures of `mtl.architectures` (experts and gates,
+    cross-stitch units, attention modules).
 """
 
 from __future__ import annotations
@@ -59,11 +62,12 @@ class MultiTaskModel(keras.Model):
     """
 
     def __init__(self, backbone: keras.Model, heads: Mapping[str, keras.layers.Layer], *,
-                 name: str = "multi_task_model", _task_models=None):
-        if _task_models is not None:  # Built by `from_models`.
+                 name: str = "multi_task_model", _task_models=None, _architecture=None):
+        if _task_models is not None:  # Built by `from_models` or `from_outputs`.
             inputs, outputs = _task_models
             super().__init__(inputs=inputs, outputs=outputs, name=name)
-            self._mtl = _Refs(backbone=None, heads=dict(heads), task_models=dict(heads))
+            self._mtl = _Refs(backbone=None, heads=dict(heads), task_models=dict(heads),
+                              architecture=_architecture)
             return
         if not isinstance(backbone, keras.Model):
             raise UsageTypeError(f"backbone must be a keras.Model (Functional); got {type(backbone)}.")
@@ -74,7 +78,7 @@ class MultiTaskModel(keras.Model):
                    for task, head in heads.items()}
         super().__init__(inputs=inputs, outputs=outputs, name=name)
         self._mtl = _Refs(backbone=backbone, heads=heads, task_models={},
-                          symbolic=(inputs, outputs))
+                          symbolic=(inputs, outputs), architecture=None)
 
     @classmethod
     def from_models(cls, models: Mapping[str, keras.Model], *,
@@ -105,6 +109,37 @@ class MultiTaskModel(keras.Model):
         inputs = _fresh_inputs(models[first_task])
         outputs = {task: model(inputs) for task, model in models.items()}
         return cls(None, models, name=name, _task_models=(inputs, outputs))
+
+    @classmethod
+    def from_outputs(cls, inputs, outputs: Mapping[str, object], *,
+                     name: str = "multi_task_model", architecture=None) -> "MultiTaskModel":
+        """A multi-task model from a Functional graph: symbolic `inputs` (a `keras.Input`, or a
+        list or dict of them) and `{task_name: symbolic output}`.
+
+        Variables are shared by the tasks whose outputs depend on them (`sharing_report`), so
+        soft sharing (experts with task gates, cross-stitch units, task attention over a shared
+        trunk) trains like hard sharing: exact-mode gradient methods combine the task gradients
+        of every variable more than one task uses. There is no single shared representation, so
+        `gradient_mode="rep"` is refused. `architecture` (an object with a `name` and a
+        `no_rep_reason`) names the architecture in messages; `mtl.architectures` sets it.
+        """
+        outputs = _check_heads(outputs, what="outputs")
+        for task, output in outputs.items():
+            _one_output(output, f"output {task!r}")
+            if not isinstance(output, keras.KerasTensor):
+                raise UsageTypeError(
+                    f"from_outputs: output {task!r} is {type(output).__name__}; expected a "
+                    "symbolic tensor (the result of calling layers on keras.Input).")
+        task_models = {task: keras.Model(inputs, output, name=f"{task}_model")
+                       for task, output in outputs.items()}
+        return cls(None, task_models, name=name, _task_models=(inputs, dict(outputs)),
+                   _architecture=architecture)
+
+    @property
+    def architecture(self):
+        """The soft-sharing architecture this model was built as (None: hard sharing or
+        `from_models`)."""
+        return self._mtl.architecture
 
     @property
     def backbone(self) -> keras.Model | None:
