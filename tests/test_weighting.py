@@ -13,7 +13,7 @@ import tensorflow as tf  # noqa: E402
 
 import mtl  # noqa: E402
 from mtl import weighting  # noqa: E402
-from mtl.weighting import StepContext  # noqa: E402
+from mtl.weighting import StepContext, solvers  # noqa: E402
 
 LOSS_METHODS = ["equal", "uncertainty", "dwa", "rlw", "gls", "famo", "stch"]
 GRADIENT_METHODS = ["pcgrad", "gradvac", "graddrop", "mgda", "cagrad", "imtl", "nash_mtl",
@@ -303,6 +303,45 @@ def test_upgrad_projects_onto_the_dual_cone_by_hand():
     # Without conflict every g_i / T is already in the cone: the mean.
     np.testing.assert_allclose(aggregate(built("upgrad", reg_eps=0.0), [[1.0, 0.0], [1.0, 1.0]]),
                                [1.0, 0.5], atol=1e-5)
+
+
+def _kkt_problems():
+    """PSD Gramians: random, singular values 1 .. 1e-4, rank-deficient, identical rows, a zero
+    row, and ten tasks in three dimensions."""
+    rng = np.random.default_rng(11)
+    cases = {"random": rng.normal(size=(4, 6)),
+             "ill_conditioned": rng.normal(size=(4, 4)) @ np.diag(np.logspace(0, -4, 4))
+             @ np.linalg.qr(rng.normal(size=(4, 6)).T)[0].T,
+             "rank_deficient": rng.normal(size=(5, 3)),
+             "zero_row": np.vstack([rng.normal(size=(2, 4)), np.zeros((1, 4))]),
+             "ten_tasks": rng.normal(size=(10, 3))}
+    cases["identical_rows"] = cases["random"][[0, 1, 0, 2]]
+    return {name: j @ j.T for name, j in cases.items()}
+
+
+@pytest.mark.parametrize("case", sorted(_kkt_problems()))
+@pytest.mark.parametrize("simplex", [False, True], ids=["bounds", "simplex"])
+def test_nonnegative_qp_satisfies_the_kkt_conditions(case, simplex):
+    """The active-set solver's output is the exact optimum: feasible, every bound's multiplier
+    >= 0 and zero where the bound is inactive (relative residual <= 1e-9, the 1e-6 the
+    methods need with room to spare), for the linear terms UPGrad (G u) and MGDA (0) use."""
+    gram = _kkt_problems()[case]
+    t = len(gram)
+    linear = np.zeros((1, t)) if simplex else (np.eye(t) / t) @ gram  # v = u + z: c = G u
+    z = solvers.nonnegative_qp(tf.constant(gram), tf.constant(linear), simplex=simplex).numpy()
+    scale = max(np.abs(np.diag(gram)).max(), 1e-300)
+    for zr, c in zip(z, linear):
+        assert zr.min() >= 0.0
+        gradient = gram @ zr + c
+        if simplex:
+            assert abs(zr.sum() - 1.0) <= 1e-12
+            nu = gradient[zr > 0].mean()
+            multipliers = gradient - nu
+            assert np.abs(multipliers[zr > 0]).max() <= 1e-9 * scale
+        else:
+            multipliers = gradient
+        assert multipliers.min() >= -1e-9 * scale, multipliers
+        assert np.abs(multipliers * zr).max() <= 1e-9 * scale * max(1.0, zr.max())
 
 
 def aligned_mtl_reference(jacobian):

@@ -16,6 +16,7 @@ import tensorflow as tf
 from mtl.weighting import solvers
 from mtl.weighting.base import (GramianWeighting, StepContext, check_option, is_int, is_number,
                                 state_variable)
+from mtl.weighting.base import gramian as gramian_of
 
 
 class MGDA(GramianWeighting):
@@ -23,8 +24,9 @@ class MGDA(GramianWeighting):
     Optimization", NeurIPS 2018).
 
     Weights w = argmin_{w in simplex} |sum_t w_t g_t / n_t|^2: the min-norm point of the convex
-    hull of the (normalised) task gradients, by Frank-Wolfe with exact line search (at most 250
-    iterations, stopping on the duality gap; exact after one step for two tasks). As in the
+    hull of the (normalised) task gradients, solved exactly by an active-set method in float64
+    (`solvers.min_norm_point`; the official code's Frank-Wolfe stops early near Pareto
+    stationarity). As in the
     official code, the weights found for the normalised gradients are applied to the gradients
     themselves: direction = sum_t w_t g_t, sum_t w_t = 1.
 
@@ -33,10 +35,11 @@ class MGDA(GramianWeighting):
         loss forms need `context.global_losses`.
 
     rep mode: yes (the paper's MGDA-UB runs on the shared representation's gradients).
-    Cost: T backward passes + the Gramian + O(250 T^2).
+    Cost: T backward passes + the Gramian + an active-set QP of size T.
     """
 
     name = "mgda"
+    gramian_dtype = tf.float64
     rep_mode = "Sener & Koltun 2018, MGDA-UB (gradients w.r.t. the shared representation)"
     NORMALIZATIONS = ("none", "l2", "loss", "loss+")
 
@@ -49,12 +52,11 @@ class MGDA(GramianWeighting):
 
     def weights_from_gramian(self, gramian: tf.Tensor,
                              context: StepContext | None = None) -> tf.Tensor:
-        gramian = tf.convert_to_tensor(gramian, tf.float32)
-        scale = tf.ones([self.num_tasks])
+        scale = tf.ones([self.num_tasks], tf.float64)
         if self.normalization in ("l2", "loss+"):
             scale *= tf.sqrt(tf.maximum(tf.linalg.diag_part(gramian), 0.0))
         if self.normalization in ("loss", "loss+"):
-            scale *= self._losses(context)
+            scale *= tf.cast(self._losses(context), tf.float64)
         inverse = tf.math.divide_no_nan(1.0, scale)
         normalised = gramian * inverse[:, None] * inverse[None, :]
         return self._record_gradient_weights(solvers.min_norm_point(normalised))
@@ -112,6 +114,7 @@ class IMTL(GramianWeighting):
     """
 
     name = "imtl"
+    gramian_dtype = tf.float64
     rep_mode = "Liu et al. 2021, IMTL-G on the shared feature's gradients (as LibMTL's rep_grad)"
 
     def weights_from_gramian(self, gramian: tf.Tensor,
@@ -119,15 +122,18 @@ class IMTL(GramianWeighting):
         del context
         if self.num_tasks == 1:
             return self._record_gradient_weights(tf.ones([1]))
-        gramian = tf.convert_to_tensor(gramian, tf.float32)
         norms = tf.sqrt(tf.maximum(tf.linalg.diag_part(gramian), 0.0))
         g_dot_u = tf.math.divide_no_nan(gramian, norms[None, :])        # [i, j] = g_i . u_j
         first = g_dot_u[0, 0] - g_dot_u[0, 1:]                          # g_1 . (u_1 - u_j)
         # (D U^T)[j, k] = (g_1 - g_j) . (u_1 - u_k),  j, k >= 2.
         du = (g_dot_u[0, 0] - g_dot_u[0, 1:][None, :]
               - g_dot_u[1:, 0][:, None] + g_dot_u[1:, 1:])
-        rest = tf.linalg.matvec(tf.linalg.pinv(du), first, transpose_a=True)
-        return self._record_gradient_weights(tf.concat([[1.0 - tf.reduce_sum(rest)], rest], 0))
+        # Singular values below 1e-10 of the largest are rounding (identical or dependent
+        # gradients, where d . (u_1 - u_k) = 0 holds for any weights): the pseudo-inverse drops
+        # them (float64's default cut-off, ~1e-14, would invert the rounding).
+        rest = tf.linalg.matvec(tf.linalg.pinv(du, rcond=1e-10), first, transpose_a=True)
+        weights = tf.concat([[1.0 - tf.reduce_sum(rest)], rest], 0)
+        return self._record_gradient_weights(tf.cast(weights, tf.float32))
 
 
 class NashMTL(GramianWeighting):
@@ -153,6 +159,7 @@ class NashMTL(GramianWeighting):
     """
 
     name = "nash_mtl"
+    gramian_dtype = tf.float64
     no_rep_reason = "the official code and LibMTL solve it on the shared parameters' gradients"
     RIDGE = 1e-10
 
@@ -182,7 +189,12 @@ class NashMTL(GramianWeighting):
         gramian = tf.cast(gramian, tf.float64)
         scale = tf.sqrt(tf.norm(gramian))
         normalised = tf.math.divide_no_nan(gramian, tf.square(scale))
-        normalised += self.RIDGE * tf.eye(self.num_tasks, dtype=tf.float64)
+        # The ridge is relative to each task's own squared gradient norm (a fixed one is not
+        # small against a task whose gradient is 1000x smaller than another's); the floor keeps
+        # a zero gradient's row solvable (its weight is large, its contribution zero).
+        diagonal = tf.linalg.diag_part(normalised)
+        floor = 1e-12 * tf.reduce_max(diagonal) + 1e-300
+        normalised += tf.linalg.diag(self.RIDGE * tf.maximum(diagonal, floor))
         previous = tf.convert_to_tensor(self.alpha)
         # Warm start at the previous weights (in normalised units), or at the solution for a
         # diagonal Gramian when that is closer (the first call; a jump in gradient scale).
@@ -220,16 +232,17 @@ class NashMTL(GramianWeighting):
     def weights_from_gramian(self, gramian: tf.Tensor,
                              context: StepContext | None = None) -> tf.Tensor:
         del context
-        gramian = tf.convert_to_tensor(gramian, tf.float32)
         alpha = self._next_alpha(lambda: gramian)
-        norm = tf.sqrt(tf.maximum(tf.reduce_sum(alpha * tf.linalg.matvec(gramian, alpha)), 0.0))
-        return self._record_gradient_weights(alpha * self._clip_scale(norm))
+        alpha64 = tf.cast(alpha, tf.float64)
+        norm = tf.sqrt(tf.maximum(tf.reduce_sum(alpha64 * tf.linalg.matvec(gramian, alpha64)),
+                                  0.0))
+        return self._record_gradient_weights(alpha * self._clip_scale(tf.cast(norm, tf.float32)))
 
     def aggregate(self, jacobian: tf.Tensor, context: StepContext | None = None) -> tf.Tensor:
         """Forms the Gramian only on update calls."""
         del context
         jacobian = tf.convert_to_tensor(jacobian, tf.float32)
-        alpha = self._next_alpha(lambda: tf.matmul(jacobian, jacobian, transpose_b=True))
+        alpha = self._next_alpha(lambda: gramian_of(jacobian))
         direction = tf.linalg.matvec(jacobian, alpha, transpose_a=True)
         scale = self._clip_scale(tf.norm(direction))
         self._record_gradient_weights(alpha * scale)
@@ -250,12 +263,13 @@ class AlignedMTL(GramianWeighting):
     """
 
     name = "aligned_mtl"
+    gramian_dtype = tf.float64
     rep_mode = "Senushkin et al. 2023, Aligned-MTL-UB (the upper bound on representation gradients)"
 
     def weights_from_gramian(self, gramian: tf.Tensor,
                              context: StepContext | None = None) -> tf.Tensor:
         del context
-        eigenvalues, eigenvectors = tf.linalg.eigh(tf.convert_to_tensor(gramian, tf.float32))
+        eigenvalues, eigenvectors = tf.linalg.eigh(gramian)
         tolerance = tf.reduce_max(eigenvalues) * self.num_tasks * 1.1920929e-07
         kept = eigenvalues > tolerance
         singular = tf.sqrt(tf.where(kept, eigenvalues, 1.0))
@@ -263,7 +277,7 @@ class AlignedMTL(GramianWeighting):
         inverse = tf.where(kept, 1.0 / singular, 0.0)
         b = tf.matmul(eigenvectors * inverse[None, :], eigenvectors, transpose_b=True)
         weights = tf.where(tf.reduce_any(kept), sigma_min * tf.reduce_sum(b, axis=1), 0.0)
-        return self._record_gradient_weights(weights)
+        return self._record_gradient_weights(tf.cast(weights, tf.float32))
 
 
 class TraceNormalisedGramian(GramianWeighting):
@@ -279,13 +293,15 @@ class TraceNormalisedGramian(GramianWeighting):
         self.reg_eps = float(reg_eps)
         self.norm_eps = float(norm_eps)
 
+    gramian_dtype = tf.float64
+
     def _normalised(self, gramian: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        """(the normalised, regularised Gramian, whether the trace was large enough)."""
-        gramian = tf.convert_to_tensor(gramian, tf.float32)
+        """(the normalised, regularised Gramian in float64, whether the trace was large
+        enough)."""
         trace = tf.linalg.trace(gramian)
         usable = trace >= self.norm_eps
         normalised = tf.where(usable, gramian / trace, tf.zeros_like(gramian))
-        return normalised + self.reg_eps * tf.eye(self.num_tasks), usable
+        return normalised + self.reg_eps * tf.eye(self.num_tasks, dtype=gramian.dtype), usable
 
 
 class UPGrad(TraceNormalisedGramian):
@@ -296,16 +312,17 @@ class UPGrad(TraceNormalisedGramian):
     {x : J x >= 0}, and sums the projections. By the paper's Proposition 1 the projection of
     J^T u is J^T v with v = argmin v^T G v s.t. v >= u; with u = e_i / T for each i the weights
     are sum_i v_i. As TorchJD, the Gramian is first divided by its trace (`norm_eps` guards a
-    zero trace) and regularised with `reg_eps` I. Each small QP is solved by projected
-    coordinate descent (`solvers.project_to_dual_cone`, at most 200 sweeps). The direction has a
-    non-negative inner product with every task gradient (up to the regulariser).
+    zero trace) and regularised with `reg_eps` I. The T small QPs are solved exactly, by an
+    active-set method in float64 (`solvers.project_to_dual_cone`; TorchJD uses quadprog). The
+    direction has a non-negative inner product with every task gradient (up to the
+    regulariser).
 
     Options:
       reg_eps: ridge added to the normalised Gramian (>= 0, default 1e-4 as TorchJD).
       norm_eps: a trace below this gives zero weights (>= 0, default 1e-4 as TorchJD).
 
     rep mode: no (defined on the Jacobian w.r.t. the parameters; LibMTL refuses rep mode).
-    Cost: T backward passes + the Gramian + O(200 T^3).
+    Cost: T backward passes + the Gramian + T active-set QPs of size T (O(T^4) at most).
     """
 
     name = "upgrad"

@@ -69,30 +69,6 @@ def frank_wolfe_simplex(gradient_fn, line_search_fn, num_tasks: int, max_iterati
     return w
 
 
-def min_norm_point(gramian: tf.Tensor, max_iterations: int = 250,
-                   tolerance: float = 1e-7) -> tf.Tensor:
-    """argmin_{w in simplex} |J^T w|^2 given G = J J^T: the min-norm point of the convex hull of
-    the task gradients (Sener & Koltun 2018), by away-step Frank-Wolfe with exact line search.
-
-    With two tasks it is exact after at most two steps (the simplex is a segment). Cost: O(T^2)
-    per iteration.
-    """
-    g = normalise_gramian(gramian)
-    num_tasks = gramian.shape[0]
-
-    def gradient_fn(w):
-        return tf.linalg.matvec(g, w)  # half the gradient of w^T G w; same argmin.
-
-    def line_search_fn(w, d, max_step):
-        gd = tf.linalg.matvec(g, d)
-        curvature, slope = _dot(d, gd), _dot(w, gd)
-        step = tf.math.divide_no_nan(-slope, curvature)
-        step = tf.where(curvature > _TINY, step, tf.where(slope < 0.0, max_step, 0.0))
-        return tf.clip_by_value(step, 0.0, max_step)
-
-    return frank_wolfe_simplex(gradient_fn, line_search_fn, num_tasks, max_iterations, tolerance)
-
-
 def cagrad_dual(gramian: tf.Tensor, c: float, max_iterations: int = 250,
                 tolerance: float = 1e-7) -> tuple[tf.Tensor, tf.Tensor]:
     """Solves the CAGrad dual  min_{w in simplex} w^T G u + c |g_0| |J^T w|  (u = 1/T, g_0 the
@@ -167,38 +143,129 @@ def nash_bargaining(gramian: tf.Tensor, initial: tf.Tensor, max_iterations: int 
     return a
 
 
-def project_to_dual_cone(gramian: tf.Tensor, lower: tf.Tensor, max_sweeps: int = 200,
-                         tolerance: float = 1e-9) -> tf.Tensor:
-    """For each row u of `lower`, solves  min_v v^T G v  s.t.  v >= u  (elementwise).
+def nonnegative_qp(gramian: tf.Tensor, linear: tf.Tensor, *, simplex: bool = False,
+                   max_iterations: int | None = None, tolerance: float = 1e-12) -> tf.Tensor:
+    """Solves  min_z  z^T G z / 2 + c^T z  s.t.  z >= 0  (and sum_t z_t = 1 with `simplex`)
+    exactly, for every row c of `linear`, by a primal active-set method (Nocedal & Wright,
+    Algorithm 16.3), in float64.
+
+    The free set F starts empty (at the simplex vertex with the smallest objective for
+    `simplex`). Each iteration solves the equality-constrained problem on F (its KKT system, by
+    pseudo-inverse so that a rank-deficient Gramian is handled); if that point differs from z,
+    z moves towards it until a free coordinate hits 0 (which leaves F); otherwise z is optimal
+    on F and the bound with the most negative multiplier (G z + c, minus the equality's
+    multiplier for `simplex`) joins F, or, with none negative, z is the solution. Each active
+    set is visited at most once, so the method ends after finitely many steps with the exact
+    optimum (up to the KKT system's rounding); `max_iterations` (default 10 T + 50) only guards
+    against cycling on degenerate ties. The problems run together, each with its own free set.
+
+    Args:
+      gramian: [T, T] positive semi-definite (any float dtype).
+      linear: [R, T], one problem per row.
+    Returns:
+      [R, T] float64 solutions.
+    """
+    g = tf.cast(gramian, tf.float64)
+    c = tf.cast(linear, tf.float64)
+    num_tasks = int(g.shape[0])
+    rows = tf.shape(c)[0]
+    max_iterations = max_iterations or 10 * num_tasks + 50
+    eye = tf.eye(num_tasks, dtype=tf.float64)
+    scale = tf.maximum(tf.reduce_max(tf.abs(tf.linalg.diag_part(g))), tf.reduce_max(tf.abs(c)))
+    tol = tolerance * tf.maximum(scale, 1e-300)
+
+    if simplex:
+        objective = 0.5 * tf.linalg.diag_part(g)[None, :] + c      # at each vertex e_t
+        first = tf.one_hot(tf.argmin(objective, axis=1), num_tasks, dtype=tf.float64)
+        z0, free0 = first, first > 0.5
+    else:
+        z0, free0 = tf.zeros_like(c), tf.zeros_like(c, tf.bool)
+
+    def subproblem(free):
+        """argmin on the free set (others 0), [R, T]."""
+        f = tf.cast(free, tf.float64)
+        matrix = g[None] * f[:, :, None] * f[:, None, :] + tf.linalg.diag(1.0 - f)
+        rhs = -c * f
+        if simplex:
+            top = tf.concat([matrix, f[:, :, None]], axis=2)
+            bottom = tf.concat([f[:, None, :], tf.zeros([rows, 1, 1], tf.float64)], axis=2)
+            matrix = tf.concat([top, bottom], axis=1)
+            rhs = tf.concat([rhs, tf.ones([rows, 1], tf.float64)], axis=1)
+        solution = tf.linalg.matvec(tf.linalg.pinv(matrix), rhs)
+        return solution[:, :num_tasks] * f
+
+    def body(i, z, free, done):
+        y = subproblem(free)
+        p = tf.where(done[:, None], tf.zeros_like(z), y - z)
+        # (A full step makes the next p exactly 0: the same system is solved again.)
+        stationary = tf.reduce_max(tf.abs(p), axis=1) <= tolerance * (
+            1.0 + tf.reduce_max(tf.abs(z), axis=1))
+        # Stationary on F: the multipliers of the bounds decide.
+        gradient = tf.linalg.matvec(g, z) + c
+        if simplex:
+            f = tf.cast(free, tf.float64)
+            nu = tf.reduce_sum(gradient * f, axis=1) / tf.maximum(tf.reduce_sum(f, axis=1), 1.0)
+            multipliers = gradient - nu[:, None]
+        else:
+            multipliers = gradient
+        bound = tf.where(free, tf.fill(tf.shape(z), tf.constant(float("inf"), tf.float64)),
+                         multipliers)
+        entering = tf.argmin(bound, axis=1)
+        optimal = tf.reduce_min(bound, axis=1) >= -tol
+        join = tf.one_hot(entering, num_tasks, on_value=True, off_value=False)
+        # Not stationary: step towards y until a free coordinate reaches 0.
+        blocking = free & (p < 0.0)
+        infinity = tf.fill(tf.shape(z), tf.constant(float("inf"), tf.float64))
+        ratios = tf.where(blocking, z / tf.where(blocking, -p, tf.ones_like(p)), infinity)
+        step = tf.minimum(tf.constant(1.0, tf.float64), tf.reduce_min(ratios, axis=1))
+        leaving = tf.one_hot(tf.argmin(ratios, axis=1), num_tasks, on_value=True,
+                             off_value=False) & (step < 1.0)[:, None]
+        moved = tf.maximum(z + step[:, None] * p, 0.0)
+        moved = tf.where(leaving, tf.zeros_like(moved), moved)
+        z = tf.where(done[:, None] | stationary[:, None], z, moved)
+        free = tf.where(done[:, None], free, tf.where(
+            stationary[:, None], free | (join & ~optimal[:, None]), free & ~leaving))
+        done = done | (stationary & optimal)
+        return i + 1, z, free, done
+
+    _, z, _, _ = tf.while_loop(
+        lambda i, z, free, done: (i < max_iterations) & ~tf.reduce_all(done), body,
+        (tf.constant(0), z0, free0, tf.zeros([rows], tf.bool)))
+    return z
+
+
+def min_norm_point(gramian: tf.Tensor) -> tf.Tensor:
+    """argmin_{w in simplex} w^T G w (the min-norm point of the gradients' convex hull),
+    exactly, by `nonnegative_qp` on G / (trace / T); [T] float32."""
+    g = tf.cast(gramian, tf.float64)
+    num_tasks = int(g.shape[0])
+    g = tf.math.divide_no_nan(g, tf.linalg.trace(g) / num_tasks)
+    # A ridge of 1e-10 (relative) makes the weights unique when the min-norm point is not a
+    # unique combination (identical or dependent gradients: identical rows share their weight
+    # equally); it moves the direction by ~1e-10.
+    g += 1e-10 * tf.eye(num_tasks, dtype=tf.float64)
+    w = nonnegative_qp(g, tf.zeros([1, num_tasks], tf.float64), simplex=True)[0]
+    return tf.cast(w / tf.reduce_sum(w), tf.float32)
+
+
+def project_to_dual_cone(gramian: tf.Tensor, lower: tf.Tensor) -> tf.Tensor:
+    """For each row u of `lower`, solves  min_v v^T G v  s.t.  v >= u  (elementwise), exactly.
 
     J^T v is then the projection of J^T u onto the dual cone {x : J x >= 0} of the rows of J
     (Quinton & Rey 2024, Proposition 1); at the optimum G v >= 0, i.e. J^T v has a non-negative
-    inner product with every row. Solved by projected coordinate descent (exact minimisation over
-    one coordinate, then clipping to its bound), all rows at once; stops when a sweep changes no
-    weight by more than `tolerance` (relative to the largest weight) or after `max_sweeps`.
+    inner product with every row. With v = u + z it is the non-negative QP
+    min z^T G z / 2 + (G u)^T z, z >= 0, solved by `nonnegative_qp` in float64.
 
     Args:
       gramian: [T, T] positive semi-definite.
       lower: [R, T] lower bounds, one problem per row.
     Returns:
-      [R, T] solutions.
+      [R, T] float32 solutions.
     """
-    num_tasks = gramian.shape[0]
-    diagonal = tf.linalg.diag_part(gramian)
-
-    def sweep(s, v, change):
-        start = v
-        for k in range(num_tasks):  # Gauss-Seidel: each coordinate sees the updated others.
-            column = tf.linalg.matvec(v, gramian[:, k])            # (v G)_k for every row.
-            new = tf.maximum(lower[:, k], v[:, k] - tf.math.divide_no_nan(column, diagonal[k]))
-            v = v + (new - v[:, k])[:, None] * tf.one_hot(k, num_tasks)[None, :]
-        change = tf.reduce_max(tf.abs(v - start)) / (tf.reduce_max(tf.abs(v)) + _TINY)
-        return s + 1, v, change
-
-    lower = tf.convert_to_tensor(lower, tf.float32)
-    _, v, _ = tf.while_loop(lambda s, v, change: (s < max_sweeps) & (change > tolerance), sweep,
-                            (tf.constant(0), lower, tf.constant(float("inf"))))
-    return v
+    g = tf.cast(gramian, tf.float64)
+    u = tf.cast(lower, tf.float64)
+    z = nonnegative_qp(g, tf.matmul(u, g), simplex=False)
+    return tf.cast(u + z, tf.float32)
 
 
 def least_squares_weights(jacobian: tf.Tensor, direction: tf.Tensor) -> tf.Tensor:
