@@ -113,6 +113,11 @@ class TrainerOptions:
         "all" the shared variables together (the papers' form), "layer" each shared layer's
         variables on their own, "variable" each shared variable on its own (GradVac's and
         TorchJD's grouping); each group gets its own method instance and state.
+      clip_norm: clip the update's gradient of the model's variables to this global norm
+        (None: no clipping), computed on the whole update's gradient (after the sum over
+        replicas and micro-batches), so that it clips as on one device. (Keras's `clipnorm`
+        on the optimizer clips each replica's part before the sum; the trainer refuses it
+        under a multi-replica strategy.)
       allow_config_change: settings of the run's record (`trainer.json` in `model_dir`) that a
         resumed run may change: "tasks", "weighting", "optimizer", "precision",
         "grad_accum_steps", "gradient_mode", "fine_tuning" (see `mtl.run_record`).
@@ -130,9 +135,12 @@ class TrainerOptions:
     diagnostics_every: int | None = None
     fine_tuning: FineTuning = FineTuning()
     granularity: str = "all"
+    clip_norm: float | None = None
     allow_config_change: tuple[str, ...] = ()
 
     def __post_init__(self):
+        if self.clip_norm is not None:
+            check_positive("clip_norm", self.clip_norm)
         for name in ("steps_per_loop", "log_every", "grad_accum_steps", "max_to_keep"):
             check_int(name, getattr(self, name), 1)
         for name in ("checkpoint_every", "diagnostics_every"):
@@ -160,7 +168,7 @@ class TrainerOptions:
 
 #: What `trainer.json` records (`mtl.run_record`): all of it shapes a run's state or results.
 TRAINER_RECORD = ("tasks", "weighting", "optimizer", "precision", "grad_accum_steps",
-                  "gradient_mode", "granularity", "fine_tuning")
+                  "gradient_mode", "granularity", "clip_norm", "fine_tuning")
 
 
 def _check_names(name: str, given, allowed) -> None:
@@ -250,6 +258,7 @@ class Config:
     on_nonfinite: str = "stop"
     gradient_mode: str = "exact"
     granularity: str = "all"
+    clip_norm: float | None = None
     max_to_keep: int = 3
     deterministic: bool = False
     checkpoint_input: bool = True
@@ -273,7 +282,7 @@ class Config:
                       "weighting_options": "weighting", "optimizer": "optimizer",
                       "learning_rate": "optimizer", "mixed_precision": "precision",
                       "grad_accum_steps": "grad_accum_steps", "gradient_mode": "gradient_mode",
-                      "granularity": "granularity",
+                      "granularity": "granularity", "clip_norm": "clip_norm",
                       "freeze_backbone": "fine_tuning", "unfreeze_at_step": "fine_tuning",
                       "unfreeze_top_layers": "fine_tuning",
                       "backbone_lr_multiplier": "fine_tuning"}
@@ -342,7 +351,7 @@ class Config:
             checkpoint_every=self.checkpoint_every, max_to_keep=self.max_to_keep,
             grad_accum_steps=self.grad_accum_steps, jit_compile=self.jit_compile,
             on_nonfinite=self.on_nonfinite, gradient_mode=self.gradient_mode,
-            granularity=self.granularity,
+            granularity=self.granularity, clip_norm=self.clip_norm or None,
             checkpoint_input=self.checkpoint_input,
             diagnostics_every=self.diagnostics_every or None, fine_tuning=self.fine_tuning(),
             allow_config_change=tuple(sorted({self.TRAINER_FIELDS[f]

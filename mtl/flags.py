@@ -82,6 +82,9 @@ def define_flags(**defaults) -> None:
                   "For gradient-based methods (exact mode): combine the task gradients of all "
                   "shared variables at once (all), of each shared layer (layer) or of each "
                   "variable (variable) on its own.")
+    f.DEFINE_float("clip_norm", values["clip_norm"],
+                   "Clip the update's gradient to this global norm, computed over all replicas "
+                   "and micro-batches (as on one device); unset: no clipping.")
     f.DEFINE_integer("max_to_keep", values["max_to_keep"], "Checkpoints kept in model_dir.")
     f.DEFINE_string("init_backbone_from", values["init_backbone_from"],
                     "Start the backbone from another run (its model_dir or a checkpoint) or a "

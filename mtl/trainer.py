@@ -109,6 +109,7 @@ class Trainer:
         by_name = {t.name: t for t in tasks}
         self.tasks = [by_name[name] for name in task_names]
         self.optimizer = _get_optimizer(optimizer)
+        _check_optimizer_clipping(self.optimizer, self.strategy)
         self.weighting = weighting_lib.get(weighting)
         # An unbuilt copy: per-group methods (granularity) start from the same options.
         self._method_template = copy.deepcopy(self.weighting) if (
@@ -491,6 +492,7 @@ class Trainer:
             "grad_accum_steps": self.options.grad_accum_steps,
             "gradient_mode": self.options.gradient_mode,
             "granularity": self.options.granularity,
+            "clip_norm": self.options.clip_norm,
             "fine_tuning": dataclasses.asdict(self.options.fine_tuning),
         }
 
@@ -545,6 +547,23 @@ def _check_gradient_mode(method, mode: str, model) -> None:
     if getattr(model, "backbone", None) is None:
         raise UsageError("gradient_mode='rep' needs a MultiTaskModel built from a backbone and "
                          "heads (the shared representation is the backbone's output).")
+
+
+def _check_optimizer_clipping(optimizer, strategy) -> None:
+    """Keras 3 clips inside `apply_gradients`, on each replica's part of the gradient before the
+    sum (PITFALLS): under several replicas that is not the one-device clipping. Refused there,
+    pointing to the trainer's own `clip_norm`."""
+    if strategy.num_replicas_in_sync == 1:
+        return
+    for name in ("clipnorm", "global_clipnorm", "clipvalue"):
+        value = getattr(optimizer, name, None)
+        if value:
+            raise UsageError(
+                f"The optimizer has {name}={value}; under {type(strategy).__name__} with "
+                f"{strategy.num_replicas_in_sync} replicas Keras would clip each replica's part "
+                "of the gradient before the sum, not the gradient. Leave it unset; the "
+                "Trainer's clip_norm (--clip_norm) clips the global norm of the whole update's "
+                "gradient.")
 
 
 def shared_variables(model, task_names, *, trainable_only: bool = True) -> list:

@@ -47,10 +47,13 @@ def forward(model, x, frozen_backbone: bool):
 
 
 def reference_updates(model, tasks, method, optimizer, update_batches, *, mode="exact",
-                      frozen_backbone=False, skip=(), group_methods=None):
+                      frozen_backbone=False, skip=(), group_methods=None, clip_norm=None,
+                      clipped=None):
     """Applies one update per whole update batch, except those whose index is in `skip` (the
     update changes nothing: neither the weights nor the method's state). `tasks` are
-    (name, loss kind, Task.weight) triples."""
+    (name, loss kind, Task.weight) triples. `clip_norm`: the model's gradient is scaled to at
+    most that global norm (the method's own variables are not); `clipped`, a list, gets
+    whether each update was clipped."""
     names = [name for name, _, _ in tasks]
     fixed = tf.constant([w for _, _, w in tasks], tf.float32)
     backbone_vars = list(model.backbone.trainable_variables)
@@ -112,6 +115,16 @@ def reference_updates(model, tasks, method, optimizer, update_batches, *, mode="
                                        output_gradients=[w[i] for i in range(len(rows))])
             gradients = [s + r for s, r in zip(shared, reg_shared)] + heads
         del tape
+        if clip_norm:
+            model_ids = {id(v) for v in backbone_vars + head_vars}
+            norm = float(np.sqrt(sum(float(tf.reduce_sum(tf.square(g)))
+                                     for g, v in zip(gradients, variables)
+                                     if g is not None and id(v) in model_ids)))
+            factor = min(1.0, clip_norm / norm) if norm > 0 else 1.0
+            gradients = [g * factor if g is not None and id(v) in model_ids else g
+                         for g, v in zip(gradients, variables)]
+            if clipped is not None:
+                clipped.append(factor < 1.0)
         optimizer.apply_gradients([(g, v) for g, v in zip(gradients, variables)
                                    if g is not None])
     return model

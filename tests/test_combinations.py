@@ -5,7 +5,8 @@ Axes: every weighting method; micro-batches K in {1, 2} (with missing labels, an
 label in some micro-batches); 1 device and 2 mirrored logical CPUs; exact and rep mode where the
 method allows rep; with and without an L2 regulariser on a shared layer; a frozen backbone with
 and without Dropout; SGD with momentum and Adam; per-layer aggregation (granularity="layer") for a few
-gradient methods. The full cross product is too slow for the
+gradient methods; global gradient clipping (clip_norm) with loss and gradient methods, K = 2 and
+mirrored replicas. The full cross product is too slow for the
 suite; every pair of axes is covered (see `CASES_ONE` and `CASES_MIRRORED`). Triples left out:
 mirrored x frozen x rep; mirrored x K=1 x regulariser for most methods; Adam x K=2. float16
 (overflow and NaN injection) is tested in `test_update_policy.py`: its numbers are float16's,
@@ -50,6 +51,10 @@ def _cases_one():
         # Per-layer aggregation (granularity="layer"): each shared layer has its own method.
         {"method": "mgda", "k": 2, "reg": True, "granularity": "layer"},
         {"method": "pcgrad", "k": 1, "optimizer": "adam", "granularity": "layer"},
+        # Clipping the whole update's gradient (the method's own variables are not clipped).
+        {"method": "uncertainty", "k": 2, "reg": True, "clip": True},
+        {"method": "mgda", "k": 1, "optimizer": "adam", "clip": True},
+        {"method": "imtl", "mode": "rep", "k": 2, "clip": True},
     ]
     return cases
 
@@ -65,6 +70,9 @@ def _cases_mirrored():
         {"method": "equal", "k": 2, "frozen": True, "dropout": True},
         {"method": "cagrad", "k": 1, "reg": True, "frozen": True, "dropout": True},
         {"method": "nash_mtl", "k": 2, "granularity": "layer"},
+        {"method": "famo", "k": 2, "reg": True, "clip": True},
+        {"method": "pcgrad", "k": 1, "clip": True},
+        {"method": "mgda", "mode": "rep", "k": 2, "clip": True},
     ]
     return cases
 
@@ -92,7 +100,7 @@ def results():
 def _name(r):
     return (f"{r['method']}/{r['mode']} K={r['k']} R={r['replicas']} reg={r['reg']} "
             f"frozen={r['frozen']} dropout={r['dropout']} {r['optimizer']} "
-            f"granularity={r['granularity']}")
+            f"granularity={r['granularity']} clip={r['clip']}")
 
 
 def test_every_case_ran(results):
@@ -136,3 +144,5 @@ def test_every_case_trained_and_stayed_finite(results):
         assert r["moved"] > 1e-2, _name(r)  # the comparison is not between two idle models
         if r["frozen"]:
             assert r["frozen_kept"], _name(r)
+        if r["clip"]:
+            assert r["clipped"] >= 2, _name(r)  # the clipping acted on most of the 3 updates

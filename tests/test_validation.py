@@ -288,3 +288,26 @@ def test_task_name_with_a_slash():
                                              r".*got 'a/b'"):
         mtl.MultiTaskModel(mtl.backbones.mlp((6,), widths=(8,)),
                            {"a/b": mtl.heads.regression(1)})
+
+
+class _TwoReplicas:
+    """What `_check_optimizer_clipping` reads of a strategy with two replicas."""
+    num_replicas_in_sync = 2
+
+
+@pytest.mark.parametrize("setting", ["clipnorm", "global_clipnorm", "clipvalue"])
+def test_keras_clipping_is_refused_under_several_replicas_with_the_fix(setting):
+    """Keras clips each replica's part of the gradient before the sum (PITFALLS)."""
+    from mtl.trainer import _check_optimizer_clipping
+    optimizer = keras.optimizers.SGD(0.1, **{setting: 1.0})
+    with pytest.raises(mtl.UsageError, match=rf"{setting}=1.0.*2 replicas.*clip_norm"):
+        _check_optimizer_clipping(optimizer, _TwoReplicas())
+    _check_optimizer_clipping(optimizer, tf.distribute.get_strategy())  # one device: as Keras
+    _check_optimizer_clipping(keras.optimizers.SGD(0.1), _TwoReplicas())
+
+
+def test_clip_norm_must_be_positive():
+    with pytest.raises(mtl.UsageError, match="clip_norm"):
+        mtl.TrainerOptions(clip_norm=0.0)
+    with pytest.raises(mtl.UsageError, match="clip_norm"):
+        mtl.TrainerOptions(clip_norm=-1.0)

@@ -700,3 +700,28 @@ def test_rep_mode_is_refused_with_the_reason_for_methods_whose_paper_does_not_de
                                              r"'pcgrad': its paper and official code project"):
         mtl.Trainer(model, tasks, optimizer=keras.optimizers.SGD(0.1), weighting="pcgrad",
                     gradient_mode="rep")
+
+
+def test_uncertainty_half_form_is_the_papers_likelihood():
+    """form="half": sum_t (exp(-s_t) L_t / 2 + s_t / 2) (Kendall et al.'s regression form, as
+    LibMTL): its value and gradients against the formula, and the same optimum s_t = log L_t as
+    the standard form with weights halved."""
+    losses = tf.constant([0.5, 2.0, 4.0])
+    for form, factor in (("standard", 1.0), ("half", 0.5)):
+        method = built("uncertainty", 3, form=form)
+        s = np.array([0.3, -0.2, 1.0], np.float32)
+        method.log_variances.assign(s)
+        with tf.GradientTape() as tape:
+            total = method.combine(losses)
+        grad = tape.gradient(total, method.log_variances).numpy()
+        expected = factor * (np.exp(-s) * losses.numpy() + s)
+        np.testing.assert_allclose(total.numpy(), expected.sum(), rtol=1e-6)
+        np.testing.assert_allclose(grad, factor * (1.0 - np.exp(-s) * losses.numpy()), rtol=1e-5)
+        np.testing.assert_allclose(method.weights().numpy(), factor * np.exp(-s), rtol=1e-6)
+        method.log_variances.assign(np.log(losses.numpy()))
+        with tf.GradientTape() as tape:
+            total = method.combine(losses)
+        np.testing.assert_allclose(tape.gradient(total, method.log_variances).numpy(), 0.0,
+                                   atol=1e-6)
+    with pytest.raises(ValueError, match="form"):
+        mtl.weighting.get("uncertainty", form="paper")

@@ -89,7 +89,9 @@ class GradVac(SeededDraws, GramianWeighting):
     parameters, as LibMTL does).
 
     Options:
-      beta: EMA rate in [0, 1] (default 0.5, as LibMTL and TorchJD).
+      beta: EMA rate in [0, 1]. Default 0.5, LibMTL's `--GradVac_beta`; the paper's
+        experiments and TorchJD's default use 0.01 (`beta=0.01` for that form): targets that
+        follow the cosines 50x more slowly.
       seed: an int, for the task orders.
 
     Cost: T backward passes + the Gramian + O(T^3).

@@ -41,22 +41,37 @@ class Equal(LossWeighting):
 class Uncertainty(LossWeighting):
     """Uncertainty weighting (Kendall, Gal & Cipolla, CVPR 2018).
 
-    Each task has a learned log-variance s_t (a trainable variable, trained by the model's
-    optimizer; the trainer adds `trainable_variables` of the method to the optimizer's list).
-    Standard form (as in the common public implementations, without the paper's 1/2 factors
-    that differ between regression and classification):
+    Each task has a learned log-variance s_t = log sigma_t^2 (a trainable variable, trained by
+    the model's optimizer; the trainer adds `trainable_variables` of the method to the
+    optimizer's list). Two forms (`form`):
 
-        total = sum_t w_t * (exp(-s_t) * L_t + s_t)
+        "standard":  total = sum_t w_t * (exp(-s_t) * L_t + s_t)
+        "half":      total = sum_t w_t * (exp(-s_t) * L_t / 2 + s_t / 2)
 
-    d total / d s_t = w_t (1 - exp(-s_t) L_t) vanishes at s_t = log L_t: the learned weight
-    exp(-s_t) tends to 1 / L_t. The s_t term is not a task-loss share, so each replica adds
-    s_t / num_replicas (the replicas' gradients are summed). s_t starts at 0 (weight 1).
+    "half" is the paper's Gaussian-likelihood form, 1 / (2 sigma^2) L + log sigma, which LibMTL
+    applies to every task; "standard" drops the common factor 1/2 (the form of most other
+    public implementations): the same optimum s_t = log L_t, gradients twice as large. (The
+    paper's classification term, 1 / sigma^2 L + log sigma, mixes the two per task; it is not
+    offered.) d total / d s_t vanishes at s_t = log L_t: the learned weight tends to 1 / L_t
+    ("standard") or 1 / (2 L_t) ("half"). The s_t term is not a task-loss share, so each
+    replica adds its 1 / num_replicas part (the replicas' gradients are summed). s_t starts at 0.
+
+    Options:
+      form: "standard" (default; the common implementations) or "half" (the paper's
+        regression form; LibMTL).
 
     Cost: as `equal` (one backward pass); T extra trainable scalars.
     """
 
     name = "uncertainty"
     needs_global_losses = False
+    FORMS = ("standard", "half")
+
+    def __init__(self, form: str = "standard"):
+        super().__init__()
+        check_option(form in self.FORMS, self.name, "form", form, f"one of {self.FORMS}")
+        self.form = form
+        self._factor = 1.0 if form == "standard" else 0.5
 
     def build(self, task_names: Sequence[str], task_weights: Sequence[float]) -> None:
         super().build(task_names, task_weights)
@@ -66,10 +81,12 @@ class Uncertainty(LossWeighting):
     def combine(self, losses: tf.Tensor, context: StepContext | None = None) -> tf.Tensor:
         num_replicas = 1 if context is None else context.num_replicas
         s = self.log_variances
-        return tf.reduce_sum(self.task_weights * (tf.exp(-s) * losses + s / num_replicas))
+        return tf.reduce_sum(self.task_weights * self._factor * (
+            tf.exp(-s) * losses + s / num_replicas))
 
     def weights(self) -> tf.Tensor:
-        return self.task_weights * tf.exp(-tf.convert_to_tensor(self.log_variances))
+        return self.task_weights * self._factor * tf.exp(
+            -tf.convert_to_tensor(self.log_variances))
 
 
 class DWA(LossWeighting):
@@ -214,7 +231,8 @@ class FAMO(LossWeighting):
     writes plain gradient descent xi <- xi - w_lr (grad_xi + gamma xi)). Nothing is updated at the
     first call. A task with L_t <= m_t (e.g. loss 0 when it has no label in the batch, with the
     default m_t = 0) gets lambda_t = 0 and contributes delta_t = 0. The official code also clips
-    the shared gradient norm at 1; that belongs to the step, not here.
+    the gradient's norm at 1 (its `--max_norm`): for that form pass the trainer's
+    `clip_norm=1` (`--clip_norm=1`), which clips the whole update's gradient across replicas.
 
     Options:
       gamma: decay of the logits (>= 0), official default 0.01 (the authors' toy problem, whose

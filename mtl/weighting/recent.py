@@ -73,7 +73,8 @@ class FairGrad(GramianWeighting):
     on G / |G|_F (the solution for G is the one for G / |G|_F times |G|_F^{-alpha/(alpha+1)}),
     with a 1e-10 ridge so that a solution exists for (nearly) Pareto-stationary gradients.
     The official code then clips the shared gradient at norm `max_norm` = 1: that is the
-    step's gradient clipping, not applied here.
+    step's gradient clipping, the trainer's `clip_norm=1` (`--clip_norm=1`), not a weighting
+    option.
 
     Options:
       alpha: the fairness exponent (> 0). Default 1.0: the official `FairGrad(alpha=1.0)`

@@ -4,7 +4,8 @@ each case given, and prints one JSON line per case with how far apart they end.
     python combination_matrix.py one|mirrored CASES_JSON
 
 A case: {"method", "mode" (exact|rep), "k" (micro-batches), "reg" (L2 on a shared layer),
-"frozen" (backbone frozen), "dropout" (a Dropout layer in the backbone), "optimizer"}. The update
+"frozen" (backbone frozen), "dropout" (a Dropout layer in the backbone), "optimizer",
+"granularity", "clip" (clip_norm=CLIP_NORM)}. The update
 batch is 16 examples; task "a" misses labels (placeholder -1, sample weight 0), task "c" has no
 label at all in some micro-batches. Run as a subprocess: "mirrored" needs 2 logical CPUs set up
 before TensorFlow starts.
@@ -28,6 +29,7 @@ import oracle  # noqa: E402
 UPDATE_BATCH = 16
 UPDATES = 3
 TASKS = [("a", "sparse_ce", 1.0), ("b", "mse", 0.5), ("c", "sparse_ce", 1.0)]
+CLIP_NORM = 0.3  # below the update gradients' norms here: the clipping is active
 
 
 def data():
@@ -81,6 +83,7 @@ def run_case(strategy, case):
                               weighting=case["method"], gradient_mode=case["mode"],
                               grad_accum_steps=case["k"], steps_per_loop=UPDATES,
                               strategy=strategy, granularity=case["granularity"],
+                              clip_norm=CLIP_NORM if case["clip"] else None,
                               fine_tuning=mtl.FineTuning(freeze_backbone=case["frozen"]))
     initial = [w.numpy() for w in model.weights]
     micro = UPDATE_BATCH // case["k"]
@@ -106,9 +109,11 @@ def run_case(strategy, case):
     batches = [(x[i:i + UPDATE_BATCH], {k: v[i:i + UPDATE_BATCH] for k, v in labels.items()},
                 {k: tf.constant(v[i:i + UPDATE_BATCH]) for k, v in weights.items()})
                for i in range(0, len(x), UPDATE_BATCH)]
+    clipped = []
     oracle.reference_updates(reference, TASKS, method, optimizer(case["optimizer"]), batches,
                              mode=case["mode"], frozen_backbone=case["frozen"],
-                             group_methods=group_methods)
+                             group_methods=group_methods,
+                             clip_norm=CLIP_NORM if case["clip"] else None, clipped=clipped)
 
     def relative(got, want):
         return float(np.max(np.abs(got - want)) / max(float(np.max(np.abs(want))), 1e-3))
@@ -128,7 +133,7 @@ def run_case(strategy, case):
     frozen_kept = all(np.array_equal(w.numpy(), i) for w, i in zip(model.weights, initial)
                       if id(w) in backbone_ids) if case["frozen"] else None
     return {**case, "weight_error": weight_error, "state_error": state_error, "moved": moved,
-            "frozen_kept": frozen_kept,
+            "frozen_kept": frozen_kept, "clipped": sum(clipped),
             "finite": all(bool(np.all(np.isfinite(w.numpy()))) for w in model.weights)}
 
 
@@ -138,7 +143,7 @@ def main():
                 else tf.distribute.OneDeviceStrategy("/cpu:0"))
     for case in cases:
         case = {"mode": "exact", "k": 1, "reg": False, "frozen": False, "dropout": False,
-                "optimizer": "sgd", "granularity": "all", **case}
+                "optimizer": "sgd", "granularity": "all", "clip": False, **case}
         try:
             result = run_case(strategy, case)
         except Exception as e:  # reported, so one case does not hide the others
