@@ -111,7 +111,8 @@ class SoftmaxGate(keras.layers.Layer):
     """A task's gate over `num_experts` experts (MMoE, CGC, PLE): g(x) = softmax(W flatten(x) + b).
 
     Input: [batch, ...] (the model input, or a level's gated output in PLE). Output:
-    [batch, num_experts], each row >= 0 summing to 1.
+    [batch, num_experts], each row >= 0 summing to 1. A gate over one expert is the constant 1
+    and has no weights.
     """
 
     def __init__(self, num_experts: int, **kwargs):
@@ -119,13 +120,18 @@ class SoftmaxGate(keras.layers.Layer):
         self.num_experts = int(num_experts)
 
     def build(self, input_shape):
+        if self.num_experts == 1:
+            return
         features = int(np.prod(input_shape[1:]))
         self.kernel = self.add_weight(name="kernel", shape=(features, self.num_experts),
                                       initializer="glorot_uniform")
         self.bias = self.add_weight(name="bias", shape=(self.num_experts,), initializer="zeros")
 
     def call(self, inputs):
-        return ops.softmax(ops.matmul(_flatten(inputs), self.kernel) + self.bias, axis=-1)
+        x = _flatten(inputs)
+        if self.num_experts == 1:
+            return ops.ones_like(x[:, :1])
+        return ops.softmax(ops.matmul(x, self.kernel) + self.bias, axis=-1)
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0], self.num_experts)
