@@ -28,6 +28,7 @@ variables under their own name scope (`expert_0/conv_0/kernel`), so variable pat
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 import re
@@ -62,8 +63,9 @@ class Option:
 class ArchitectureSpec:
     """What an architecture is: its builder, options, paper and the backbones it accepts.
 
-    `no_rep_reason` is one sentence saying why gradient_mode="rep" is not defined for it (None
-    for hard sharing, whose backbone output is the one shared representation).
+    `no_rep_reason` says why gradient_mode="rep" is not defined for it, as a clause without a
+    final period like the weighting methods' (None for hard sharing, whose backbone output is
+    the one shared representation).
     `backbones_reason` says why only `backbones` are accepted.
     """
 
@@ -210,6 +212,7 @@ class DSelectKGate(keras.layers.Layer):
         return ops.sum(weights[:, :, None] * r, axis=1)                     # [batch, n]
 
     def _add_regularisers(self, r):
+        r = ops.cast(r, "float32")  # log(r + 1e-6) and 1/(sum + 1e-6) in float32 under float16.
         if self.entropy_weight:
             entropy = -ops.sum(r * ops.log(r + EPSILON), axis=(1, 2))      # [batch]
             self.add_loss(self.entropy_weight * ops.mean(entropy))
@@ -403,7 +406,7 @@ def cgc(input_shape, heads: Mapping[str, keras.layers.Layer], *, backbone: str =
     names = _Names(spec, heads)
     tasks = list(heads)
     shared, own = _level_experts("", names, tasks, num_shared_experts, num_task_experts,
-                                 lambda name: _backbone_copy(backbone, input_shape, config, name))
+                                 functools.partial(_backbone_copy, backbone, input_shape, config))
     inputs = _input_like((shared + [e for t in tasks for e in own[t]])[0])
     features, _ = _extraction_level("", names, tasks, {t: inputs for t in tasks}, inputs,
                                     shared, own, shared_gate=False)
@@ -438,12 +441,8 @@ def ple(input_shape, heads: Mapping[str, keras.layers.Layer], *, backbone: str =
     task_inputs = shared_input = inputs = None
     for level in range(num_levels):
         prefix = f"level{level}_"
-        if level == 0:
-            def make(name):
-                return _backbone_copy(backbone, input_shape, config, name)
-        else:
-            def make(name):
-                return keras.layers.Dense(expert_units, activation="relu", name=name)
+        make = (functools.partial(_backbone_copy, backbone, input_shape, config) if level == 0
+                else functools.partial(_dense_expert, expert_units))
         shared, own = _level_experts(prefix, names, tasks, num_shared_experts,
                                      num_task_experts, make)
         if level == 0:
@@ -540,9 +539,11 @@ def mtan(input_shape, heads: Mapping[str, keras.layers.Layer], *, backbone: str 
 
     The backbone up to its last stage is one shared trunk, run once (a nested model with the
     backbone's name), split into stages: small_cnn's [conv, relu] blocks (before each pool),
-    resnet's stages. Stage j gives u_j (the feature the masks read: small_cnn's `relu_j`;
-    resnet's stage output before its last block) and p_j (the stage's output before
-    down-sampling: `relu_j`; the last block's `_out`). For each task t and stage j:
+    resnet's stages. Stage j gives u_j, the feature the masks read, and p_j, the stage's output
+    before down-sampling, which they weight (the paper's u^j and p^j: the outputs before and
+    after the stage's last block): small_cnn has one conv per stage, so u_j = p_j = `relu_j`;
+    resnet's p_j is the last block's `_out` and u_j the block before's (p_j with one block per
+    stage). For each task t and stage j:
 
         a_t^j = AttentionMask([u_j ; f_t^{j-1}])   in [0, 1]      (`{t}_attention_{j}`)
         â_t^j = a_t^j * p_j                                       (`{t}_attended_{j}`)
@@ -589,7 +590,7 @@ def mtan(input_shape, heads: Mapping[str, keras.layers.Layer], *, backbone: str 
 # ------------------------------------------------------------------------------ the registry
 _ALL_BACKBONES = tuple(backbones.BUILDERS)
 _GATED = ("each task reads its own gated mixture of the experts' outputs, so no one tensor "
-          "carries every task's gradient")
+          "carries every task's gradient")  # A clause, as `Weighting.no_rep_reason`.
 
 ARCHITECTURES: dict[str, ArchitectureSpec] = {spec.name: spec for spec in (
     ArchitectureSpec(
@@ -602,14 +603,14 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {spec.name: spec for spec in (
         (Option("num_experts", 4, "ours", "experts (backbone copies) shared by all tasks"),),
         paper="J. Ma et al., Modeling Task Relationships in Multi-task Learning with "
               "Multi-gate Mixture-of-Experts, KDD 2018",
-        no_rep_reason=f"mmoe: {_GATED}.", backbones=_ALL_BACKBONES),
+        no_rep_reason=_GATED, backbones=_ALL_BACKBONES),
     ArchitectureSpec(
         "cgc", cgc,
         (Option("num_shared_experts", 1, "ours", "experts shared by all tasks"),
          Option("num_task_experts", 1, "ours", "experts of each task")),
         paper="H. Tang et al., Progressive Layered Extraction (PLE): A Novel Multi-Task "
               "Learning (MTL) Model for Personalized Recommendations, RecSys 2020",
-        no_rep_reason=f"cgc: {_GATED}.", backbones=_ALL_BACKBONES),
+        no_rep_reason=_GATED, backbones=_ALL_BACKBONES),
     ArchitectureSpec(
         "ple", ple,
         (Option("num_levels", 2, "ours", "extraction levels (1 is cgc)"),
@@ -619,7 +620,7 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {spec.name: spec for spec in (
                 "width of the Dense experts of levels > 0 (small_cnn's feature width)")),
         paper="H. Tang et al., Progressive Layered Extraction (PLE): A Novel Multi-Task "
               "Learning (MTL) Model for Personalized Recommendations, RecSys 2020",
-        no_rep_reason=f"ple: {_GATED} at every level.", backbones=_ALL_BACKBONES),
+        no_rep_reason=f"{_GATED}, at every level", backbones=_ALL_BACKBONES),
     ArchitectureSpec(
         "dselect_k", dselect_k,
         (Option("num_experts", 4, "ours", "experts shared by all tasks (>= 2)"),
@@ -629,15 +630,15 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {spec.name: spec for spec in (
                 "weight of the selectors' entropy regulariser (a mean over examples here)")),
         paper="H. Hazimeh et al., DSelect-k: Differentiable Selection in the Mixture of "
               "Experts with Applications to Multi-Task Learning, NeurIPS 2021",
-        no_rep_reason=f"dselect_k: {_GATED}.", backbones=_ALL_BACKBONES),
+        no_rep_reason=_GATED, backbones=_ALL_BACKBONES),
     ArchitectureSpec(
         "cross_stitch", cross_stitch,
         (Option("alpha_same", 0.9, "paper",
                 "initial alpha_tt; alpha_ts starts at (1 - alpha_same) / (T - 1)"),),
         paper="I. Misra, A. Shrivastava, A. Gupta, M. Hebert, Cross-stitch Networks for "
               "Multi-task Learning, CVPR 2016",
-        no_rep_reason="cross_stitch: each task has its own backbone copy, mixed with the "
-                      "others' at every unit, so no one tensor is shared by all tasks.",
+        no_rep_reason="each task has its own backbone copy, mixed with the others' at every "
+                      "cross-stitch unit, so no one tensor is shared by all tasks",
         backbones=("mlp", "small_cnn", "resnet"),
         backbones_reason="the copies run layer by layer with units after the pooling, dense "
                          "or stage-end layers; mobilenet_v2 is one nested model"),
@@ -648,8 +649,8 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {spec.name: spec for spec in (
                 "not)"),),
         paper="S. Liu, E. Johns, A. J. Davison, End-to-End Multi-Task Learning with "
               "Attention, CVPR 2019",
-        no_rep_reason="mtan: the tasks read the shared trunk at every stage, through their "
-                      "own attention masks, not through one representation.",
+        no_rep_reason="the tasks read the shared trunk at every stage through their own "
+                      "attention masks, not through one representation",
         backbones=("small_cnn", "resnet"),
         backbones_reason="attention masks act on convolutional feature maps, stage by stage"),
 )}
@@ -683,6 +684,7 @@ def build(name: str, input_shape, heads: Mapping[str, keras.layers.Layer], *,
 def gate_model(model: keras.Model) -> keras.Model:
     """inputs -> {gate layer name: gate [batch, num_experts]}, for mmoe, cgc, ple and dselect_k
     (the gates' weights are the model's own)."""
+    _check_model("gate_model", model)
     gates = [layer for layer in model.layers if isinstance(layer, GATE_LAYERS)]
     if not gates:
         raise UsageError(f"gate_model: model {model.name!r} ({_described(model)}) has no gates; "
@@ -692,6 +694,7 @@ def gate_model(model: keras.Model) -> keras.Model:
 
 def attention_model(model: keras.Model) -> keras.Model:
     """inputs -> {attention layer name: mask [batch, H, W, C] in [0, 1]}, for mtan."""
+    _check_model("attention_model", model)
     masks = [layer for layer in model.layers if isinstance(layer, AttentionMask)]
     if not masks:
         raise UsageError(f"attention_model: model {model.name!r} ({_described(model)}) has no "
@@ -763,6 +766,11 @@ def _backbone_copy(backbone: str, input_shape, config: dict, name: str) -> keras
     """A fresh build of the backbone called `name`, its variables under `name/`."""
     with keras.name_scope(name):
         return backbones.BUILDERS[backbone](input_shape, name=name, **config)
+
+
+def _dense_expert(units: int, name: str) -> keras.layers.Layer:
+    """PLE's experts beyond level 0: Dense(units, relu) on the previous level's mixture."""
+    return keras.layers.Dense(units, activation="relu", name=name)
 
 
 def _input_like(model: keras.Model):
@@ -887,6 +895,12 @@ def _carry(attended, next_u, names: _Names, name: str):
                          f"{tuple(next_u.shape[1:3])}; expected each stage to keep or halve the "
                          "resolution.")
     return x
+
+
+def _check_model(what: str, model) -> None:
+    if not isinstance(model, keras.Model):
+        raise UsageTypeError(f"{what}: expected a keras.Model built by mtl.architectures; got "
+                             f"{type(model).__name__}.")
 
 
 def _described(model) -> str:

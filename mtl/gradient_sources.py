@@ -85,6 +85,11 @@ class Forward:
         self.backbone_frozen = backbone is not None and not backbone.trainable_weights
         self.split = backbone is not None and (need_features or self.backbone_frozen)
 
+    @property
+    def feature_shape(self) -> tuple:
+        """The shared features' shape without the batch axis."""
+        return tuple(int(d) for d in self.model.backbone.output.shape[1:])
+
     def __call__(self, features):
         if not self.split:
             return self.model(features, training=True), None
@@ -280,6 +285,27 @@ class RepDecision:
         return w * self.task_weights, self.task_weights, []
 
 
+class RepMaskDecision:
+    """GradDrop in "rep" mode: the method decides from each task's representation gradient
+    times sign(representation), summed over the update's examples (s [T, D]: sums over
+    micro-batches and replicas), a multiplier per task and feature [T, D]. The shared
+    variables get the backbone's gradient for the upstream sum_t m_t * d row_t / d A (every
+    example's representation gradient masked alike); the other variables their task's plain
+    gradient."""
+
+    needs_gramian = True  # a statistic of the representation's gradients
+    needs_whole_batch = True
+
+    def __init__(self, method, task_weights):
+        self.method = method
+        self.task_weights = task_weights
+
+    def decide(self, losses, signed_sums, num_replicas: int = 1):
+        del losses, num_replicas
+        masks = self.method.masks_from_rep(signed_sums)
+        return tf.stop_gradient(tf.cast(masks, tf.float32)), self.task_weights, []
+
+
 class PlainSum:
     """No trainable variable is shared between tasks: a gradient method has nothing to
     combine, and every variable gets its task's plain gradient (the weighted loss sum)."""
@@ -309,17 +335,43 @@ class WeightedGradients(_Source):
         super().__init__(**kwargs)
         self.decision = decision
         # The shared variables are differentiated apart only when their weights differ.
-        self.separate_shared = isinstance(decision, RepDecision)
+        self.separate_shared = isinstance(decision, (RepDecision, RepMaskDecision))
+        self.masked = isinstance(decision, RepMaskDecision)
+        if self.masked:
+            size = int(np.prod(self.forward.feature_shape))
+            self.statistic_shape = [self.num_tasks, size]
+        else:
+            self.statistic_shape = [self.num_tasks, self.num_tasks]
         self.gradients = accumulator(self.strategy, [v.shape for v in self.variables[
             :len(self.shared) + len(self.plain)]], self.micro_batches)
 
     # -- replica side
-    def _gramian(self, tape, scaled_rows, shared_features, scale):
-        """This replica's Gramian [T, T] of the task rows' gradients w.r.t. the shared
-        features (float32: the features may be float16 or bfloat16)."""
-        jacobian = tape.jacobian(scaled_rows, shared_features, experimental_use_pfor=True)
+    def _rep_jacobian(self, tape, scaled_rows, shared_features):
+        """The task rows' gradients w.r.t. the shared features, [T, B, ...] (scaled rows)."""
+        return tape.jacobian(scaled_rows, shared_features, experimental_use_pfor=True,
+                             unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+    def _gramian(self, tape, scaled_rows, shared_features, scale, jacobian=None):
+        """This replica's statistic of the task rows' gradients w.r.t. the shared features
+        (float32: the features may be float16 or bfloat16): their Gramian [T, T], or (masked,
+        GradDrop) their sums over the examples times sign(features), [T, D]."""
+        if jacobian is None:
+            jacobian = self._rep_jacobian(tape, scaled_rows, shared_features)
+        if self.masked:
+            signs = tf.cast(tf.sign(shared_features), tf.float32)
+            signed = tf.cast(jacobian, tf.float32) * signs[None] / scale
+            return tf.reshape(tf.reduce_sum(signed, axis=1), self.statistic_shape)
         rows = flatten_gradients([jacobian], self.num_tasks) / scale
         return tf.matmul(rows, rows, transpose_b=True)
+
+    def _masked_shared_gradients(self, tape, masks, scaled_rows, shared_features, jacobian):
+        """The shared variables' gradient for the upstream sum_t m_t * d row_t / d A."""
+        if jacobian is None:
+            jacobian = self._rep_jacobian(tape, scaled_rows, shared_features)
+        shape = tf.concat([[self.num_tasks, 1], tf.shape(shared_features)[1:]], axis=0)
+        upstream = tf.reduce_sum(tf.reshape(masks, shape) * tf.cast(jacobian, tf.float32), 0)
+        return tape.gradient(shared_features, self.shared,
+                             output_gradients=tf.cast(upstream, shared_features.dtype))
 
     def _decide_inline(self, tape, shares, scaled_rows, shared_features, scale):
         """The K = 1 decision, on the whole batch: the replicas' losses (and Gramians) are
@@ -327,32 +379,41 @@ class WeightedGradients(_Source):
         replica = tf.distribute.get_replica_context()
         replicas = self.strategy.num_replicas_in_sync
         losses = tf.stop_gradient(shares)
-        gramian = None
+        gramian = jacobian = None
         if self.decision.needs_gramian:
-            gramian = self._gramian(tape, scaled_rows, shared_features, scale)
+            jacobian = self._rep_jacobian(tape, scaled_rows, shared_features)
+            gramian = self._gramian(tape, scaled_rows, shared_features, scale, jacobian)
         if self.decision.needs_whole_batch and replicas > 1:
             losses = replica.all_reduce(tf.distribute.ReduceOp.SUM, losses)
             if gramian is not None:
                 gramian = replica.all_reduce(tf.distribute.ReduceOp.SUM, gramian)
-        return self.decision.decide(losses, gramian, replicas)
+        return self.decision.decide(losses, gramian, replicas), jacobian
 
     def _replica_pass(self, batch, normalisers, scale, decision):
         """Forward and backward on this replica's micro-batch. `decision` None: decide here."""
+        jacobian = None
         with tf.GradientTape(persistent=self.separate_shared) as tape:
             outputs, shared_features, shares, reg = self._losses_and_reg(batch, normalisers)
             scaled_rows = self.task_weights * shares * scale
             if decision is None:
                 with tape.stop_recording():
-                    decision = self._decide_inline(tape, shares, scaled_rows, shared_features,
-                                                   scale)
+                    decision, jacobian = self._decide_inline(tape, shares, scaled_rows,
+                                                             shared_features, scale)
             shared_weights, plain_weights, method_gradients = decision
             reg_scaled = 0.0 if reg is None else reg * scale
             plain_target = tf.reduce_sum(tf.stop_gradient(plain_weights) * shares) * scale \
                 + reg_scaled
-            if self.separate_shared:
+            if self.separate_shared and not self.masked:
                 shared_target = tf.reduce_sum(tf.stop_gradient(shared_weights) * shares) \
                     * scale + reg_scaled
-        if self.separate_shared:
+        if self.masked:
+            masked = self._masked_shared_gradients(tape, shared_weights, scaled_rows,
+                                                   shared_features, jacobian)
+            if reg is not None:
+                masked = [m if r is None else (r if m is None else m + r) for m, r in zip(
+                    masked, tape.gradient(reg_scaled, self.shared))]
+            gradients = masked + tape.gradient(plain_target, self.plain)
+        elif self.separate_shared:
             gradients = tape.gradient(shared_target, self.shared) + tape.gradient(
                 plain_target, self.plain)
         else:
@@ -372,7 +433,7 @@ class WeightedGradients(_Source):
         with tf.GradientTape(persistent=True) as tape:
             _, shared_features, shares, _ = self._losses_and_reg(batch, normalisers)
             scaled_rows = self.task_weights * shares * scale
-        gramian = tf.zeros([self.num_tasks, self.num_tasks])
+        gramian = tf.zeros(self.statistic_shape)
         if self.decision.needs_gramian:
             gramian = self._gramian(tape, scaled_rows, shared_features, scale)
         del tape
@@ -392,7 +453,7 @@ class WeightedGradients(_Source):
         so the backward passes see exactly what a single pass would."""
         saved = [tf.identity(v) for v in restore_state]
         losses = tf.zeros([self.num_tasks])
-        gramian = tf.zeros([self.num_tasks, self.num_tasks])
+        gramian = tf.zeros(self.statistic_shape)
         for batch in batches:
             shares, local_gramian = self.strategy.run(self._replica_prepass,
                                                       args=(batch, normalisers, scale))
@@ -408,7 +469,7 @@ class WeightedGradients(_Source):
         decision = None  # K = 1: made inside the pass.
         if len(batches) > 1:
             losses = tf.zeros([self.num_tasks])
-            gramian = tf.zeros([self.num_tasks, self.num_tasks])
+            gramian = tf.zeros(self.statistic_shape)
             if self.decision.needs_whole_batch:
                 losses, gramian = self._whole_batch(batches, normalisers, scale, restore_state)
             decision = self.strategy.run(self._replica_decide, args=(losses, gramian))
@@ -541,7 +602,9 @@ def gradient_source(*, method, gradient_mode: str, forward_for: Callable, tasks,
         return WeightedGradients(PlainSum(task_weights), forward=forward_for(False),
                                  shared_variables=(), **common)
     if gradient_mode == "rep":
-        return WeightedGradients(RepDecision(method, task_weights), forward=forward_for(True),
+        decision = (RepMaskDecision if method.rep_form == "masks" else RepDecision)(
+            method, task_weights)
+        return WeightedGradients(decision, forward=forward_for(True),
                                  shared_variables=shared_variables, **common)
     return JacobianRows(forward=forward_for(False), shared_variables=shared_variables,
                         group_methods=group_methods, group_of=group_of, **common)

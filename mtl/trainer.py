@@ -538,9 +538,9 @@ def _check_gradient_mode(method, mode: str, model) -> None:
         return
     if mode != "rep":
         return
-    if not (method.supports_rep and method.uses_gramian):
+    if not method.supports_rep:
         offered = sorted(n for n, c in weighting_lib.METHODS.items()
-                         if getattr(c, "supports_rep", False) and getattr(c, "uses_gramian", False))
+                         if getattr(c, "supports_rep", False))
         raise UsageError(f"gradient_mode='rep' is not defined for weighting {method.name!r}: "
                          f"{method.no_rep_reason}. Use gradient_mode='exact', or a method whose "
                          f"paper defines rep mode ({', '.join(offered)}).")

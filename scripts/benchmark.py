@@ -279,8 +279,7 @@ def main(argv):
     methods = sorted(mtl.weighting.METHODS) if FLAGS.weighting == ["all"] else FLAGS.weighting
     for method in methods:
         cls = mtl.weighting.METHODS[method]
-        modes = ["exact"] + (["rep"] if getattr(cls, "supports_rep", False)
-                             and getattr(cls, "uses_gramian", False) else [])
+        modes = ["exact"] + (["rep"] if getattr(cls, "supports_rep", False) else [])
         for mode in modes:
             builders[f"weighting/{method}/{mode}"] = (
                 lambda m=method, g=mode: mtl_variant(strategy, memory, weighting=m,

@@ -105,6 +105,17 @@ def reference_updates(model, tasks, method, optimizer, update_batches, *, mode="
                 sizes = [int(np.prod(v.shape)) for v in backbone_vars]
                 shared = [tf.reshape(d, v.shape) for d, v in
                           zip(tf.split(direction, sizes), backbone_vars)]
+            elif getattr(method, "rep_form", "gramian") == "masks":
+                # GradDrop: each task's representation gradient [B, D], times sign(A), summed
+                # over the batch -> the method's masks [T, D] -> upstream sum_t m_t * g_t.
+                per_task = [tf.reshape(tape.gradient(row, features), [len(x), -1])
+                            for row in rows]
+                signs = tf.reshape(tf.sign(features), [len(x), -1])
+                masks = method.masks_from_rep(tf.stack([tf.reduce_sum(g * signs, 0)
+                                                        for g in per_task]))
+                upstream = tf.add_n([masks[t][None, :] * g for t, g in enumerate(per_task)])
+                shared = tape.gradient(features, backbone_vars,
+                                       output_gradients=tf.reshape(upstream, features.shape))
             else:
                 jacobian = tf.stack([tf.reshape(tape.gradient(row, features), [-1])
                                      for row in rows])

@@ -337,6 +337,20 @@ def graddrop(jacobian, uniform, leak: float = 0.0) -> np.ndarray:
     return np.sum((leak + (1.0 - leak) * mask) * j, axis=0)
 
 
+def graddrop_rep(per_example_gradients, representation, uniform, leak: float = 0.0):
+    """GradDrop in its paper's form on a representation A (LibMTL's `GradDrop.backward`, the
+    batch-separated case of Algorithm 1): per_example_gradients [T, B, D] = dL_t / dA,
+    representation [B, D]. s_t = sum_b sign(A_b) dL_t/dA_b; purity and mask per feature from s
+    and the draw U [D]; returns the upstream gradient of A, sum_t (leak + (1 - leak) M_t) g_t
+    [B, D] (the same mask for every example)."""
+    g = _f64(per_example_gradients)
+    s = (g * np.sign(_f64(representation))[None]).sum(1)
+    purity = 0.5 * (1.0 + s.sum(0) / (np.abs(s).sum(0) + 1e-7))
+    uniform = _f64(uniform)
+    mask = ((purity > uniform) & (s > 0)) | ((purity < uniform) & (s < 0))
+    return np.sum((leak + (1.0 - leak) * mask)[:, None, :] * g, axis=0)
+
+
 class GradNorm:
     """GradNorm (Chen et al., ICML 2018, eq. 1-2 and Algorithm 1) on given rows, one call per step.
 

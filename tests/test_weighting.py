@@ -52,7 +52,7 @@ def test_registry_holds_every_method_under_its_name():
 
 def test_rep_mode_support_follows_the_papers():
     supports = {name: weighting.METHODS[name].supports_rep for name in GRADIENT_METHODS}
-    assert supports == {"pcgrad": False, "gradvac": False, "graddrop": False, "mgda": True,
+    assert supports == {"pcgrad": False, "gradvac": False, "graddrop": True, "mgda": True,
                         "cagrad": False, "imtl": True, "nash_mtl": False, "aligned_mtl": True,
                         "upgrad": False, "gradnorm": True, "fairgrad": False, "db_mtl": False,
                         "config": False, "dualproj": False, "moco": False}
@@ -690,15 +690,21 @@ def test_bad_jacobians_get_clear_errors():
         weighting.get("imtl").weights_from_gramian(tf.ones([3, 4]))
 
 
-def test_rep_mode_is_refused_with_the_reason_for_methods_whose_paper_does_not_define_it():
+@pytest.mark.parametrize("name", [n for n in GRADIENT_METHODS
+                                  if not weighting.METHODS[n].supports_rep])
+def test_rep_mode_is_refused_with_the_reason_for_methods_whose_paper_does_not_define_it(name):
+    import re
+
     import keras
 
     model = mtl.MultiTaskModel(mtl.backbones.mlp((4,), widths=(4,)),
                                {"a": mtl.heads.regression(1), "b": mtl.heads.regression(1)})
     tasks = [mtl.Task("a", loss="mse"), mtl.Task("b", loss="mse")]
-    with pytest.raises(mtl.UsageError, match=r"gradient_mode='rep' is not defined for weighting "
-                                             r"'pcgrad': its paper and official code project"):
-        mtl.Trainer(model, tasks, optimizer=keras.optimizers.SGD(0.1), weighting="pcgrad",
+    reason = re.escape(weighting.METHODS[name].no_rep_reason)
+    with pytest.raises(mtl.UsageError, match=rf"gradient_mode='rep' is not defined for weighting "
+                                             rf"'{name}': {reason}.*aligned_mtl, graddrop, "
+                                             r"gradnorm, imtl, mgda"):
+        mtl.Trainer(model, tasks, optimizer=keras.optimizers.SGD(0.1), weighting=name,
                     gradient_mode="rep")
 
 

@@ -243,6 +243,25 @@ def test_graddrop_matches_its_reference_given_the_same_draw(case, leak):
         assert_same_step(step(method, j), reference.graddrop(j, uniform, leak), j)
 
 
+@pytest.mark.parametrize("leak", [0.0, 0.3])
+@pytest.mark.parametrize("num_tasks", [1, 3, 10])
+def test_graddrop_rep_masks_match_the_papers_form_given_the_same_draw(num_tasks, leak):
+    """rep mode: the step passes s_t = sum_b sign(A_b) g_tb to `masks_from_rep` and carries
+    sum_t m_t g_tb back; that upstream gradient equals LibMTL's on every example, two calls."""
+    rng = np.random.default_rng(num_tasks)
+    method = built("graddrop", num_tasks, seed=7, leak=leak)
+    for call in range(2):
+        g = rng.normal(size=(num_tasks, 6, 5)).astype(np.float32)
+        g[:, :, 0] = 0.0  # a feature with no gradient: no task passes anything
+        a = rng.normal(size=(6, 5)).astype(np.float32)
+        masks = method.masks_from_rep(
+            tf.constant((g * np.sign(a)[None]).sum(1))).numpy()
+        upstream = (masks[:, None, :] * g).sum(0)
+        expected = reference.graddrop_rep(g, a, seeded_uniform([5], 7, call), leak)
+        np.testing.assert_allclose(upstream, expected, rtol=1e-5, atol=1e-6)
+        assert set(np.unique(masks).tolist()) <= {np.float32(leak).item(), 1.0}
+
+
 # --- loss methods against their references -------------------------------------------------------
 
 TASK_WEIGHTS = {3: [2.0, 1.0, 0.5], 10: list(np.linspace(0.2, 2.0, 10))}

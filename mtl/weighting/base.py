@@ -198,6 +198,10 @@ class GradientWeighting(Weighting):
     #: offered, for the reason in `no_rep_reason`. `supports_rep` is derived from it.
     rep_mode: str | None = None
     no_rep_reason: str = "its paper and official code apply it to the shared parameters"
+    #: What rep mode computes from the representation's gradients: "gramian" (their Gramian,
+    #: for `weights_from_gramian`) or "masks" (their sign-corrected batch sums, for
+    #: `masks_from_rep`: GradDrop).
+    rep_form: str = "gramian"
     #: True when `weights_from_gramian` defines the method (the direction is `w @ J`).
     uses_gramian: bool = False
     #: True when the method needs `context.global_losses`.

@@ -145,12 +145,18 @@ class GradDrop(SeededDraws, GradientWeighting):
     probability P only the positive components pass, else only the negative ones. Direction:
     sum_i (leak + (1 - leak) M_i) * g_i.
 
-    The paper applies it to gradients w.r.t. activations ("rep" mode, `supports_rep = True`),
-    where it first multiplies by the sign of the layer input and sums over the batch; `aggregate`
-    sees only a [T, P] Jacobian, so here purity is per coordinate of what it is given.
+    rep mode (the paper's form, `masks_from_rep`): the paper applies it to the gradients w.r.t.
+    an activation A (the shared representation), batch-separated: each task's gradient is
+    multiplied by sign(A) and summed over the batch, s_t = sum_b sign(A_b) dL_t/dA_b [D]; the
+    purity, draw and mask are per feature of s, and the mask multiplies every example's
+    gradient dL_t/dA_b before they are summed over tasks and carried back through the backbone
+    (LibMTL's GradDrop, the only form it offers). The batch sums add up over micro-batches and
+    replicas, so the mask is the whole update's. exact mode (`aggregate`): the same rule on the
+    rows of the parameter Jacobian, per parameter, without the sign correction (a variant).
 
-    `weights()` reports the least-squares weights of the rows closest to the direction (the
-    direction is not a combination of the task gradients).
+    `weights()` reports, in rep mode, each task's mean multiplier; in exact mode the
+    least-squares weights of the rows closest to the direction (the direction is not a
+    combination of the task gradients).
 
     Options:
       leak: in [0, 1]; fraction of every gradient always kept (default 0, the paper's method).
@@ -160,9 +166,9 @@ class GradDrop(SeededDraws, GradientWeighting):
     """
 
     name = "graddrop"
-    no_rep_reason = ("the paper's GradDrop masks each example's activation gradients after a "
-                     "sign(input) correction, which needs the per-example rows, not a Gramian; "
-                     "this is its parameter-gradient form")
+    rep_mode = ("Chen et al. 2020, Algorithm 1 with batch-separated gradients: masks on the "
+                "representation's gradients after the sign(input) correction (LibMTL's form)")
+    rep_form = "masks"
 
     def __init__(self, leak: float = 0.0, seed: int = 0):
         super().__init__(seed=seed)
@@ -182,3 +188,16 @@ class GradDrop(SeededDraws, GradientWeighting):
             jacobian * (self.leak + (1.0 - self.leak) * tf.cast(keep, tf.float32)), axis=0)
         self._record_gradient_weights(solvers.least_squares_weights(jacobian, direction))
         return direction
+
+    def masks_from_rep(self, signed_sums: tf.Tensor) -> tf.Tensor:
+        """rep mode: s [T, D], each task's representation gradient times sign(A), summed over
+        the update's examples -> the multipliers [T, D] of each task's representation gradient,
+        leak + (1 - leak) M (M the paper's mask, from the purity of s and one uniform draw per
+        feature)."""
+        s = tf.cast(signed_sums, tf.float32)
+        purity = 0.5 * (1.0 + tf.reduce_sum(s, 0) / (tf.reduce_sum(tf.abs(s), 0) + 1e-7))
+        uniform = tf.random.stateless_uniform(tf.shape(purity), seed=self._next_seed())
+        keep = ((purity > uniform)[None, :] & (s > 0.0)) | ((purity < uniform)[None, :] & (s < 0.0))
+        multipliers = self.leak + (1.0 - self.leak) * tf.cast(keep, tf.float32)
+        self._record_gradient_weights(tf.reduce_mean(multipliers, axis=1))
+        return multipliers

@@ -46,7 +46,7 @@ def main():
     for method in methods:
         cls = mtl.weighting.METHODS[method]
         modes = ["exact"]
-        if getattr(cls, "supports_rep", False) and getattr(cls, "uses_gramian", False):
+        if getattr(cls, "supports_rep", False):
             modes.append("rep")
         for mode in modes:
             one = train(tf.distribute.OneDeviceStrategy("/cpu:0"), method, mode, data, steps)
