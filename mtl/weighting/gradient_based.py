@@ -32,7 +32,8 @@ class MGDA(GramianWeighting):
 
     Options:
       normalization: n_t = 1 ("none"), |g_t| ("l2"), L_t ("loss") or L_t |g_t| ("loss+"); the
-        loss forms need `context.global_losses`.
+        loss forms need `context.global_losses`. Default "none": LibMTL's `--mgda_gn` default;
+        the official code offers all four.
 
     rep mode: yes (the paper's MGDA-UB runs on the shared representation's gradients).
     Cost: T backward passes + the Gramian + an active-set QP of size T.
@@ -73,11 +74,13 @@ class CAGrad(GramianWeighting):
     (1/T + lam w) / rescale. With c = 0 the direction is the mean gradient.
 
     Options:
-      c: the radius factor, >= 0 (default 0.5).
-      rescale: 0, 1 or 2 as above.
+      c: the radius factor, >= 0; default 0.5, LibMTL's `--CAGrad_alpha` default (the
+        official code's `alpha`).
+      rescale: 0, 1 or 2 as above; default 1, the official code's.
 
     rep mode: no (see `no_rep_reason`).
-    Cost: T backward passes + the Gramian + O(250 T^2).
+    Cost: T backward passes + the Gramian + O(250 T^2) (Frank-Wolfe on the dual, stopped on
+    its duality gap).
     """
 
     name = "cagrad"
@@ -151,8 +154,10 @@ class NashMTL(GramianWeighting):
     that scale.
 
     Options:
-      update_every: recompute the weights every k calls (an int >= 1).
-      max_norm: clip norm of the direction (>= 0; 0 = no clipping; official default 1).
+      update_every: recompute the weights every k calls (an int >= 1); default 1, the official
+        `update_weights_every` default.
+      max_norm: clip norm of the direction (>= 0; 0 = no clipping); default 1, the official
+        default.
 
     rep mode: no (the official implementation and LibMTL run it on the shared parameters).
     Cost: T backward passes + the Gramian + O(T^3) Newton steps (on update calls only).
@@ -318,8 +323,8 @@ class UPGrad(TraceNormalisedGramian):
     regulariser).
 
     Options:
-      reg_eps: ridge added to the normalised Gramian (>= 0, default 1e-4 as TorchJD).
-      norm_eps: a trace below this gives zero weights (>= 0, default 1e-4 as TorchJD).
+      reg_eps: ridge added to the normalised Gramian (>= 0); default 1e-4, TorchJD's default.
+      norm_eps: a trace below this gives zero weights (>= 0); default 1e-4, TorchJD's default.
 
     rep mode: no (defined on the Jacobian w.r.t. the parameters; LibMTL refuses rep mode).
     Cost: T backward passes + the Gramian + T active-set QPs of size T (O(T^4) at most).
@@ -356,8 +361,10 @@ class GradNorm(GramianWeighting):
     the global batch); `needs_losses = True`.
 
     Options:
-      alpha: the restoring-force exponent (>= 0, default 1.5).
-      lr: step size of the weights (> 0, default 0.025).
+      alpha: the restoring-force exponent (>= 0); default 1.5, the paper's value for NYUv2 and
+        LibMTL's `--alpha` default.
+      lr: step size of the weights (> 0); default 0.025 (ours: the paper trains the weights
+        with the model's optimizer and learning rate).
 
     rep mode: yes (the paper uses the last shared layer; gradients w.r.t. the shared
     representation are the usual stand-in, as LibMTL).

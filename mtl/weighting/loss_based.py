@@ -8,7 +8,8 @@ held constant (`stop_gradient`); a term that is not a task-loss share (uncertain
 regulariser) is divided by `context.num_replicas`. Then a multi-replica step computes exactly
 the single-device gradient. Without a context (one device) the losses themselves are global.
 
-Every method multiplies its adaptive weight by the task's fixed `Task.weight`.
+Every method multiplies its adaptive weight by the task's fixed `Task.weight`, except `gls`,
+where `Task.weight` is the task's exponent in the weighted geometric mean.
 """
 
 from __future__ import annotations
@@ -100,8 +101,9 @@ class DWA(LossWeighting):
     periods live in variables (checkpointed); weights change only at period boundaries.
 
     Options:
-      period: steps per period (an int >= 1).
-      temperature: the softmax temperature (> 0); the paper uses 2.
+      period: steps per period (an int >= 1); default 100 (ours: the paper's period is an
+        epoch; set it to the steps of one).
+      temperature: the softmax temperature (> 0); default 2, the paper's and LibMTL's.
 
     Cost: as `equal`.
     """
@@ -238,7 +240,8 @@ class FAMO(LossWeighting):
       gamma: decay of the logits (>= 0), official default 0.01 (the authors' toy problem, whose
         objective does not change, uses 0).
       w_lr: learning rate of the logits (> 0), official default 0.025.
-      min_losses: a number, or one per task: lower bounds m_t of the losses (default 0).
+      min_losses: a number, or one per task: lower bounds m_t of the losses; default 0, the
+        official code's.
 
     State: logits, Adam moments and step, previous losses, a has-previous flag.
     Cost: as `equal` (T-sized updates).
