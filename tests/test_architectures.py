@@ -12,7 +12,6 @@ from mtl import architectures
 SHAPE = (8, 16, 1)
 CNN = {"filters": (4, 8), "dense": 16}
 TASKS = ("left", "right", "sum")
-GATED = ("mmoe", "cgc", "ple", "dselect_k")
 
 
 def _heads():
