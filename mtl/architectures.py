@@ -2,15 +2,15 @@
 
     model = mtl.architectures.build("mmoe", (16, 32, 1), heads, num_experts=4)
 
-| name         | paper                                  | what the tasks share                          |
-|--------------|----------------------------------------|-----------------------------------------------|
-| hps          | Caruana 1997 (hard parameter sharing)  | one backbone; one head per task               |
-| mmoe         | Ma et al., KDD 2018                    | experts (backbone copies), one gate per task  |
-| cgc          | Tang et al., RecSys 2020               | shared experts; each task also has its own    |
-| ple          | Tang et al., RecSys 2020               | CGC stacked in levels, with shared gates      |
-| dselect_k    | Hazimeh et al., NeurIPS 2021           | experts; each task's gate picks at most k     |
-| cross_stitch | Misra et al., CVPR 2016                | one backbone per task, mixed by learnt units  |
-| mtan         | Liu, Johns & Davison, CVPR 2019        | one trunk; each task attends to its stages    |
+| name         | paper                            | what the tasks share                        |
+|--------------|----------------------------------|---------------------------------------------|
+| hps          | Caruana 1997 (hard sharing)      | one backbone; one head per task             |
+| mmoe         | Ma et al., KDD 2018              | experts (backbone copies), a gate per task  |
+| cgc          | Tang et al., RecSys 2020         | shared experts; each task also has its own  |
+| ple          | Tang et al., RecSys 2020         | CGC stacked in levels, with shared gates    |
+| dselect_k    | Hazimeh et al., NeurIPS 2021     | experts; each task's gate picks at most k   |
+| cross_stitch | Misra et al., CVPR 2016          | a backbone per task, mixed by learnt units  |
+| mtan         | Liu, Johns & Davison, CVPR 2019  | one trunk; each task attends to its stages  |
 
 Every builder takes `input_shape`, `heads` (`{task: layer}`, each applied to that task's final
 feature vector), a backbone name from `mtl.backbones` and its config, and the architecture's
@@ -419,8 +419,9 @@ def ple(input_shape, heads: Mapping[str, keras.layers.Layer], *, backbone: str =
     """Progressive Layered Extraction (Tang et al., RecSys 2020).
 
     `num_levels` CGC levels (names prefixed `level{j}_`). Level j gives each task t the mixture
-    h_t^j = sum_e g_t^j(.)_e S_t^j(.)_e over its own and the shared experts and, at every level but
-    the last, a shared mixture h_s^j over all experts of the level (its gate `level{j}_gate_shared`):
+    h_t^j = sum_e g_t^j(.)_e S_t^j(.)_e over its own and the shared experts and, at every level
+    but the last, a shared mixture h_s^j over all experts of the level (its gate
+    `level{j}_gate_shared`):
 
       * level 0: every expert is a fresh backbone copy on x; every gate takes x;
       * level j > 0: experts are Dense(expert_units, relu): task t's take h_t^{j-1}, shared
