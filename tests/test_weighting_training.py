@@ -42,7 +42,8 @@ def test_every_method_runs_in_exact_and_where_possible_rep_mode(runs):
     assert {m for m, _ in seen} == set(mtl.weighting.METHODS)
     # Rep mode where the method's paper or official code defines it (MGDA-UB, IMTL-G,
     # Aligned-MTL-UB, GradNorm at the last shared layer).
-    assert {m for m, mode in seen if mode == "rep"} == {"aligned_mtl", "gradnorm", "imtl", "mgda"}
+    assert {m for m, mode in seen if mode == "rep"} == {"aligned_mtl", "graddrop", "gradnorm",
+                                                           "imtl", "mgda"}
 
 
 def test_no_nan_and_mirrored_equals_one_device(runs):
