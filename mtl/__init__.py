@@ -9,7 +9,8 @@ from mtl import startup
 with startup.quiet_native_import():
     import tensorflow  # noqa: F401  (first, with its start-up lines filtered)
 
-from mtl import backbones, data, distribute, export, heads, transfer, weighting  # noqa: E402
+from mtl import (architectures, backbones, data, distribute, export, heads,  # noqa: E402
+                 transfer, weighting)
 from mtl.config import Config, FineTuning, TrainerOptions, UsageError  # noqa: E402
 from mtl.model import MultiTaskModel, SharingReport, sharing_report  # noqa: E402
 from mtl.tasks import Task  # noqa: E402
@@ -21,6 +22,6 @@ __version__ = "0.1.0"
 __all__ = [
     "CheckpointReadError", "CheckpointWriteError", "Config", "FineTuning", "History",
     "MultiTaskModel", "NonFiniteError", "TrainingStopped", "SharingReport", "Task", "Trainer",
-    "TrainerOptions", "UsageError", "backbones", "data", "distribute", "export", "heads",
+    "TrainerOptions", "UsageError", "architectures", "backbones", "data", "distribute", "export", "heads",
     "sharing_report", "transfer", "weighting",
 ]

@@ -678,8 +678,16 @@ def build(name: str, input_shape, heads: Mapping[str, keras.layers.Layer], *,
     if unknown:
         raise UsageError(f"Architecture {name!r} takes no option {unknown[0]!r}; its options "
                          f"are {list(spec.option_names)}.")
-    return spec.builder(input_shape, heads, backbone=backbone, backbone_config=backbone_config,
-                        **options)
+    model = spec.builder(input_shape, heads, backbone=backbone, backbone_config=backbone_config,
+                         **options)
+    if model.architecture is not None:
+        # What `mtl.runs` records to rebuild the very same graph (variable paths included).
+        model._mtl.build_args = {
+            "architecture": name, "input_shape": [int(d) for d in input_shape],
+            "backbone": backbone, "backbone_config": dict(backbone_config or {}),
+            "options": dict(options)}
+        model._mtl.head_layers = dict(heads)
+    return model
 
 
 def gate_model(model: keras.Model) -> keras.Model:

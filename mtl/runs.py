@@ -188,7 +188,12 @@ def model_record(model: keras.Model) -> dict:
     shared. Raises `ModelRecordError` for classes Keras could not find when rebuilding
     (custom classes that are not `keras.saving.register_keras_serializable`).
     """
-    if isinstance(model, MultiTaskModel):
+    build_args = getattr(getattr(model, "_mtl", None), "build_args", None)
+    if isinstance(model, MultiTaskModel) and build_args is not None:
+        # A soft-sharing architecture: its heads, and the call that builds the rest.
+        kind, objects = "architecture", {f"task:{task}": head
+                                         for task, head in model._mtl.head_layers.items()}
+    elif isinstance(model, MultiTaskModel):
         if model.backbone is not None:
             kind, objects = "backbone_heads", {"backbone": model.backbone, **{
                 f"task:{task}": head for task, head in model.heads.items()}}
@@ -206,6 +211,8 @@ def model_record(model: keras.Model) -> dict:
             "the model is rebuilt.")
     record = {"format": _MODEL_FORMAT, "kind": kind, "name": model.name,
               "keras_version": keras.__version__, "objects": configs}
+    if kind == "architecture":
+        record["architecture"] = build_args
     json.dumps(record)  # Fails here, not after a partial write, on a value JSON cannot hold.
     return record
 
@@ -301,6 +308,13 @@ def rebuild_model(record: dict, where: str = MODEL_FILE) -> keras.Model:
         return MultiTaskModel(objects["backbone"], tasks, name=record["name"])
     if record["kind"] == "task_models":
         return MultiTaskModel.from_models(tasks, name=record["name"])
+    if record["kind"] == "architecture":
+        from mtl import architectures
+
+        args = dict(record["architecture"])
+        return architectures.build(args.pop("architecture"), args.pop("input_shape"), tasks,
+                                   backbone=args["backbone"],
+                                   backbone_config=args["backbone_config"], **args["options"])
     return objects["model"]
 
 

@@ -544,6 +544,12 @@ def _check_gradient_mode(method, mode: str, model) -> None:
         raise UsageError(f"gradient_mode='rep' is not defined for weighting {method.name!r}: "
                          f"{method.no_rep_reason}. Use gradient_mode='exact', or a method whose "
                          f"paper defines rep mode ({', '.join(offered)}).")
+    architecture = getattr(model, "architecture", None)
+    if architecture is not None:
+        raise UsageError(f"gradient_mode='rep' is not defined for the {architecture.name!r} "
+                         f"architecture: {architecture.no_rep_reason}. Use gradient_mode='exact' "
+                         "(the methods combine the task gradients of every variable more than "
+                         "one task uses), or the 'hps' architecture.")
     if getattr(model, "backbone", None) is None:
         raise UsageError("gradient_mode='rep' needs a MultiTaskModel built from a backbone and "
                          "heads (the shared representation is the backbone's output).")

@@ -46,6 +46,21 @@ def forward(model, x, frozen_backbone: bool):
     return {name: head(features, training=True) for name, head in model.heads.items()}, features
 
 
+def _shared_by_gradients(model, tasks, batch):
+    """(variables that two or more task losses reach, the others), in the model's order."""
+    x, labels, weights = batch
+    with tf.GradientTape(persistent=True) as tape:
+        outputs = model(x, training=True)
+        losses = [task_loss(kind, labels[name], outputs[name], weights[name])
+                  for name, kind, _ in tasks]
+    variables = list(model.trainable_variables)
+    reached = [sum(g is not None for g in (tape.gradient(loss, v) for loss in losses))
+               for v in variables]
+    del tape
+    return ([v for v, n in zip(variables, reached) if n > 1],
+            [v for v, n in zip(variables, reached) if n <= 1])
+
+
 def reference_updates(model, tasks, method, optimizer, update_batches, *, mode="exact",
                       frozen_backbone=False, skip=(), group_methods=None, clip_norm=None,
                       clipped=None):
@@ -56,15 +71,24 @@ def reference_updates(model, tasks, method, optimizer, update_batches, *, mode="
     whether each update was clipped."""
     names = [name for name, _, _ in tasks]
     fixed = tf.constant([w for _, _, w in tasks], tf.float32)
-    backbone_vars = list(model.backbone.trainable_variables)
-    head_vars = [v for name in names for v in model.heads[name].trainable_variables]
+    soft = getattr(model, "backbone", None) is None  # a soft-sharing architecture
+    if soft:
+        # Shared: the variables that more than one task's loss reaches (found by
+        # differentiating each task's loss, not by reading the graph as mtl does).
+        backbone_vars, head_vars = _shared_by_gradients(model, tasks, update_batches[0])
+    else:
+        backbone_vars = list(model.backbone.trainable_variables)
+        head_vars = [v for name in names for v in model.heads[name].trainable_variables]
     method_vars = list(method.trainable_variables)
     is_loss_method = isinstance(method, mtl.weighting.LossWeighting)
     for index, (x, labels, weights) in enumerate(update_batches):
         if index in skip:
             continue
         with tf.GradientTape(persistent=True) as tape:
-            outputs, features = forward(model, x, frozen_backbone)
+            if soft:
+                outputs, features = model(x, training=True), None
+            else:
+                outputs, features = forward(model, x, frozen_backbone)
             losses = tf.stack([task_loss(kind, labels[name], outputs[name], weights[name])
                                for name, kind, _ in tasks])
             reg = tf.add_n(model.losses) if model.losses else tf.constant(0.0)

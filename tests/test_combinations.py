@@ -6,9 +6,12 @@ label in some micro-batches); 1 device and 2 mirrored logical CPUs; exact and re
 method allows rep; with and without an L2 regulariser on a shared layer; a frozen backbone with
 and without Dropout; SGD with momentum and Adam; per-layer aggregation (granularity="layer") for a few
 gradient methods; global gradient clipping (clip_norm) with loss and gradient methods, K = 2 and
-mirrored replicas. The full cross product is too slow for the
+mirrored replicas; soft-sharing architectures (every method with mmoe and with cross_stitch on
+one device and on 2 replicas; cgc, ple and dselect_k with a few): the reference finds the shared
+variables by differentiating each task's loss, mtl by reading the graph. The full cross product is too slow for the
 suite; every pair of axes is covered (see `CASES_ONE` and `CASES_MIRRORED`). Triples left out:
-mirrored x frozen x rep; mirrored x K=1 x regulariser for most methods; Adam x K=2. float16
+mirrored x frozen x rep; mirrored x K=1 x regulariser for most methods; Adam x K=2; Adam x hard
+sharing for most methods (Adam runs with mmoe for every method). float16
 (overflow and NaN injection) is tested in `test_update_policy.py`: its numbers are float16's,
 not the reference's.
 
@@ -34,7 +37,9 @@ def _cases_one():
     cases = []
     for method in METHODS:
         cases.append({"method": method, "k": 2, "reg": True})
-        cases.append({"method": method, "k": 1, "optimizer": "adam"})
+        # Soft sharing (exact mode): the methods combine what more than one task uses.
+        cases.append({"method": method, "k": 1, "optimizer": "adam", "arch": "mmoe"})
+        cases.append({"method": method, "k": 2, "arch": "cross_stitch"})
     for method in REP_METHODS:
         cases.append({"method": method, "mode": "rep", "k": 2, "reg": True})
         cases.append({"method": method, "mode": "rep", "k": 1, "optimizer": "adam"})
@@ -55,12 +60,20 @@ def _cases_one():
         {"method": "uncertainty", "k": 2, "reg": True, "clip": True},
         {"method": "mgda", "k": 1, "optimizer": "adam", "clip": True},
         {"method": "imtl", "mode": "rep", "k": 2, "clip": True},
+        {"method": "equal", "k": 1, "optimizer": "adam"},
+        {"method": "mgda", "k": 1, "optimizer": "adam"},
+        {"method": "pcgrad", "k": 2, "arch": "dselect_k"},  # its entropy regulariser too
+        {"method": "equal", "k": 1, "arch": "ple"},
+        {"method": "nash_mtl", "k": 1, "arch": "cgc"},
+        {"method": "famo", "k": 2, "arch": "mmoe", "clip": True},
     ]
     return cases
 
 
 def _cases_mirrored():
     cases = [{"method": method, "k": 2, "reg": True} for method in METHODS]
+    cases += [{"method": method, "k": 1, "arch": "mmoe"} for method in METHODS]
+    cases += [{"method": method, "k": 2, "arch": "cross_stitch"} for method in METHODS]
     cases += [{"method": method, "mode": "rep", "k": 2, "reg": True} for method in REP_METHODS]
     cases += [
         {"method": "equal", "k": 1, "optimizer": "adam"},
@@ -100,7 +113,7 @@ def results():
 def _name(r):
     return (f"{r['method']}/{r['mode']} K={r['k']} R={r['replicas']} reg={r['reg']} "
             f"frozen={r['frozen']} dropout={r['dropout']} {r['optimizer']} "
-            f"granularity={r['granularity']} clip={r['clip']}")
+            f"granularity={r['granularity']} clip={r['clip']} arch={r['arch']}")
 
 
 def test_every_case_ran(results):
@@ -126,6 +139,11 @@ def test_every_pair_of_axes_is_covered(results):
         seen = {(r["method"], axes[axis](r)) for r in results}
         missing = {(m, v) for m in METHODS for v in values[axis]} - seen
         assert not missing, (axis, missing)
+    # Every method with mmoe and with cross_stitch, on one device and on 2 replicas.
+    seen = {(r["method"], r["arch"], r["replicas"]) for r in results}
+    missing = {(m, a, n) for m in METHODS for a in ("mmoe", "cross_stitch")
+               for n in (1, 2)} - seen
+    assert not missing, missing
 
 
 def test_mtl_matches_the_reference_update(results):

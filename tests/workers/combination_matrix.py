@@ -5,7 +5,8 @@ each case given, and prints one JSON line per case with how far apart they end.
 
 A case: {"method", "mode" (exact|rep), "k" (micro-batches), "reg" (L2 on a shared layer),
 "frozen" (backbone frozen), "dropout" (a Dropout layer in the backbone), "optimizer",
-"granularity", "clip" (clip_norm=CLIP_NORM)}. The update
+"granularity", "clip" (clip_norm=CLIP_NORM), "arch" (a soft-sharing architecture of
+`mtl.architectures` with MLP experts; "hps": the backbone and heads)}. The update
 batch is 16 examples; task "a" misses labels (placeholder -1, sample weight 0), task "c" has no
 label at all in some micro-batches. Run as a subprocess: "mirrored" needs 2 logical CPUs set up
 before TensorFlow starts.
@@ -49,7 +50,19 @@ def data():
     return x, labels, weights
 
 
+#: Small options for the soft-sharing architectures (experts are 8-unit MLPs).
+ARCH_OPTIONS = {"mmoe": {"num_experts": 2}, "cgc": {}, "ple": {"expert_units": 8},
+                "dselect_k": {"num_experts": 3, "k": 2, "entropy_weight": 1e-2},
+                "cross_stitch": {}}
+
+
 def build_model(case):
+    if case["arch"] != "hps":
+        heads = {"a": mtl.heads.classification(3), "b": mtl.heads.regression(1),
+                 "c": mtl.heads.classification(2)}
+        return mtl.architectures.build(case["arch"], (6,), heads, backbone="mlp",
+                                       backbone_config={"widths": (8,)},
+                                       **ARCH_OPTIONS[case["arch"]])
     inputs = keras.Input((6,))
     regularizer = keras.regularizers.L2(0.05) if case["reg"] else None
     hidden = keras.layers.Dense(8, activation="tanh", kernel_regularizer=regularizer)(inputs)
@@ -101,7 +114,7 @@ def run_case(strategy, case):
     group_methods = None
     if case["granularity"] == "layer":
         group_methods = {}
-        for v in reference.backbone.weights:
+        for v in (reference.backbone.weights if reference.backbone is not None else []):
             layer = v.path.rsplit("/", 1)[0]
             if layer not in group_methods:
                 group_methods[layer] = mtl.weighting.get(case["method"])
@@ -129,7 +142,7 @@ def run_case(strategy, case):
                                 np.asarray(b.numpy(), np.float64))
                        for a, b in pairs] or [0.0])
     moved = max(float(np.max(np.abs(w.numpy() - i))) for w, i in zip(model.weights, initial))
-    backbone_ids = {id(v) for v in model.backbone.weights}
+    backbone_ids = {id(v) for v in (model.backbone.weights if model.backbone else [])}
     frozen_kept = all(np.array_equal(w.numpy(), i) for w, i in zip(model.weights, initial)
                       if id(w) in backbone_ids) if case["frozen"] else None
     return {**case, "weight_error": weight_error, "state_error": state_error, "moved": moved,
@@ -143,7 +156,8 @@ def main():
                 else tf.distribute.OneDeviceStrategy("/cpu:0"))
     for case in cases:
         case = {"mode": "exact", "k": 1, "reg": False, "frozen": False, "dropout": False,
-                "optimizer": "sgd", "granularity": "all", "clip": False, **case}
+                "optimizer": "sgd", "granularity": "all", "clip": False, "arch": "hps",
+                **case}
         try:
             result = run_case(strategy, case)
         except Exception as e:  # reported, so one case does not hide the others
