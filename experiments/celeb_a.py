@@ -25,7 +25,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Hide TF's start-up banner,
 
 from absl import flags as absl_flags  # noqa: E402
 
-import mtl  # noqa: E402
+import mtl  # noqa: E402,F401  (before keras: it filters TensorFlow's start-up lines)
 from mtl import cli, experiment, flags  # noqa: E402
 from mtl.data import celeb_a  # noqa: E402
 
@@ -54,8 +54,8 @@ def make_experiment(*, mode: str = "tasks", image_size: int = celeb_a.DEFAULT_IM
         return celeb_a.tasks(mode=mode, weights={"landmarks": landmarks_weight})
 
     def build_model(config, task_names):
-        backbone = mtl.backbones.get(config.backbone, celeb_a.image_shape(image_size))
-        return mtl.MultiTaskModel(backbone, celeb_a.heads(task_names, mode=mode))
+        return config.build_model(celeb_a.image_shape(image_size),
+                                  celeb_a.heads(task_names, mode=mode))
 
     def train_data(config, task_names):
         return celeb_a.load("train", batch_size=config.batch_size, training=True,

@@ -22,7 +22,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Hide TF's start-up banner,
 
 from absl import flags as absl_flags  # noqa: E402
 
-import mtl  # noqa: E402
+import mtl  # noqa: E402,F401  (before keras: it filters TensorFlow's start-up lines)
 from mtl import cli, experiment, flags  # noqa: E402
 from mtl.data import cifar100  # noqa: E402
 
@@ -40,8 +40,7 @@ def make_experiment(*, augment: bool = True) -> experiment.Experiment:
         return cifar100.tasks()
 
     def build_model(config, task_names):
-        backbone = mtl.backbones.get(config.backbone, cifar100.IMAGE_SHAPE)
-        return mtl.MultiTaskModel(backbone, cifar100.heads(task_names))
+        return config.build_model(cifar100.IMAGE_SHAPE, cifar100.heads(task_names))
 
     def train_data(config, task_names):
         return cifar100.load("train", batch_size=config.batch_size, training=True,

@@ -76,10 +76,10 @@ def make_experiment(*, rates="proportional", sum_examples: int = 3000) -> experi
         ]
 
     def build_model(config, task_names):
-        backbone = mtl.backbones.get(config.backbone, multi_digits.IMAGE_SHAPE)
         all_heads = {"left": lambda: mtl.heads.classification(10),
                      "sum": lambda: mtl.heads.regression(1, hidden=(64,))}
-        return mtl.MultiTaskModel(backbone, {name: all_heads[name]() for name in task_names})
+        return config.build_model(multi_digits.IMAGE_SHAPE,
+                                  {name: all_heads[name]() for name in task_names})
 
     def train_data(config, task_names):
         # Each task's dataset is shuffled with its own seed.

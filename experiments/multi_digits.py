@@ -36,11 +36,12 @@ def build_tasks(config):
 
 
 def build_model(config, task_names):
-    backbone = mtl.backbones.get(config.backbone, multi_digits.IMAGE_SHAPE)
     all_heads = {"left": lambda: mtl.heads.classification(10),
                  "right": lambda: mtl.heads.classification(10),
                  "sum": lambda: mtl.heads.regression(1, hidden=(64,))}
-    return mtl.MultiTaskModel(backbone, {name: all_heads[name]() for name in task_names})
+    # --architecture (default hps: the backbone and a head per task) and --backbone.
+    return config.build_model(multi_digits.IMAGE_SHAPE,
+                              {name: all_heads[name]() for name in task_names})
 
 
 def train_data(config, task_names):

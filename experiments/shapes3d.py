@@ -25,7 +25,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Hide TF's start-up banner,
 
 from absl import flags as absl_flags  # noqa: E402
 
-import mtl  # noqa: E402
+import mtl  # noqa: E402,F401  (before keras: it filters TensorFlow's start-up lines)
 from mtl import cli, experiment, flags  # noqa: E402
 from mtl.data import shapes3d  # noqa: E402
 
@@ -44,8 +44,7 @@ def make_experiment(*, mode: str = "classification") -> experiment.Experiment:
         return shapes3d.tasks(mode=mode)
 
     def build_model(config, task_names):
-        backbone = mtl.backbones.get(config.backbone, shapes3d.IMAGE_SHAPE)
-        return mtl.MultiTaskModel(backbone, shapes3d.heads(task_names, mode=mode))
+        return config.build_model(shapes3d.IMAGE_SHAPE, shapes3d.heads(task_names, mode=mode))
 
     def train_data(config, task_names):
         return shapes3d.load(shapes3d.TRAIN_SPLIT, batch_size=config.batch_size, training=True,

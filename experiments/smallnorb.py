@@ -23,7 +23,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Hide TF's start-up banner,
 
 from absl import flags as absl_flags  # noqa: E402
 
-import mtl  # noqa: E402
+import mtl  # noqa: E402,F401  (before keras: it filters TensorFlow's start-up lines)
 from mtl import cli, experiment, flags  # noqa: E402
 from mtl.data import smallnorb  # noqa: E402
 
@@ -44,8 +44,8 @@ def make_experiment(*, image_size: int = 48, stereo: bool = False) -> experiment
         return smallnorb.tasks()
 
     def build_model(config, task_names):
-        backbone = mtl.backbones.get(config.backbone, smallnorb.image_shape(image_size, stereo))
-        return mtl.MultiTaskModel(backbone, smallnorb.heads(task_names))
+        return config.build_model(smallnorb.image_shape(image_size, stereo),
+                                  smallnorb.heads(task_names))
 
     def train_data(config, task_names):
         return smallnorb.load("train", batch_size=config.batch_size, training=True,

@@ -180,8 +180,9 @@ def _check_names(name: str, given, allowed) -> None:
                          f"expected some of {list(allowed)}.")
 
 
-def parse_weighting_options(text: str | None) -> dict[str, Any]:
-    """`--weighting_options`: `"c=0.4,rescale=1"` or a JSON object -> a dict.
+def parse_options(text: str | None, flag: str = "--weighting_options") -> dict[str, Any]:
+    """`--weighting_options` / `--architecture_options` (`flag`): `"c=0.4,rescale=1"` or a JSON
+    object -> a dict.
 
     Values are read as JSON where they parse (numbers, true/false, lists, quoted strings),
     otherwise kept as strings: `normalization=loss+` -> {"normalization": "loss+"}.
@@ -193,16 +194,16 @@ def parse_weighting_options(text: str | None) -> dict[str, Any]:
         try:
             options = json.loads(text)
         except json.JSONDecodeError as e:
-            raise UsageError(f"--weighting_options={text!r} is not a valid JSON object ({e}); "
+            raise UsageError(f"{flag}={text!r} is not a valid JSON object ({e}); "
                              "expected e.g. '{\"c\": 0.4}' or 'c=0.4,rescale=1'.") from None
         if not isinstance(options, dict):
-            raise UsageError(f"--weighting_options={text!r} must be a JSON object.")
+            raise UsageError(f"{flag}={text!r} must be a JSON object.")
         return options
     options = {}
     for item in _split_top_level(text):
         name, sep, value = item.partition("=")
         if not sep or not name.strip():
-            raise UsageError(f"--weighting_options={text!r}: {item!r} is not name=value; "
+            raise UsageError(f"{flag}={text!r}: {item!r} is not name=value; "
                              "expected e.g. 'c=0.4,rescale=1' or a JSON object.")
         value = value.strip()
         try:
@@ -210,6 +211,11 @@ def parse_weighting_options(text: str | None) -> dict[str, Any]:
         except json.JSONDecodeError:
             options[name.strip()] = value
     return options
+
+
+def parse_weighting_options(text: str | None) -> dict[str, Any]:
+    """`--weighting_options` (see `parse_options`)."""
+    return parse_options(text, "--weighting_options")
 
 
 def _split_top_level(text: str) -> list[str]:
@@ -239,6 +245,8 @@ class Config:
     optimizer: str = "adam"
     weighting: str = "equal"
     weighting_options: dict = dataclasses.field(default_factory=dict)
+    architecture: str = "hps"
+    architecture_options: dict = dataclasses.field(default_factory=dict)
     tasks: tuple[str, ...] | None = None  # None: every task of the experiment.
     eval_every: int = 500
     eval_steps: int | None = None
@@ -325,6 +333,7 @@ class Config:
             weighting_lib.get(self.weighting, **self.weighting_options)
         except ValueError as e:
             raise UsageError(f"--weighting_options: {e}") from None
+        self._check_architecture()
         for name in ("data_dir", "model_dir"):
             path = getattr(self, name)
             if path and os.path.isfile(path):
@@ -344,6 +353,37 @@ class Config:
                           unfreeze_at_step=self.unfreeze_at_step,
                           unfreeze_top_layers=self.unfreeze_top_layers,
                           backbone_lr_multiplier=self.backbone_lr_multiplier)
+
+    def _check_architecture(self) -> None:
+        """The architecture's name, the names of its options and the backbone it accepts
+        (the values are checked where the model is built, before training)."""
+        from mtl import architectures
+
+        if self.architecture not in architectures.ARCHITECTURES:
+            raise UsageError(f"--architecture={self.architecture!r} is unknown; expected one of "
+                             f"{list(architectures.ARCHITECTURES)}.")
+        if not isinstance(self.architecture_options, dict):
+            raise UsageError(f"--architecture_options must be a dict; got "
+                             f"{self.architecture_options!r}.")
+        spec = architectures.get_spec(self.architecture)
+        unknown = sorted(set(self.architecture_options) - set(spec.option_names))
+        if unknown:
+            raise UsageError(f"--architecture_options: architecture {self.architecture!r} takes "
+                             f"no option {unknown[0]!r}; its options are "
+                             f"{list(spec.option_names)}.")
+        if self.backbone not in spec.backbones:
+            reason = f" ({spec.backbones_reason})" if spec.backbones_reason else ""
+            raise UsageError(f"--architecture={self.architecture} does not take "
+                             f"--backbone={self.backbone}{reason}; expected one of "
+                             f"{list(spec.backbones)}.")
+
+    def build_model(self, input_shape, heads):
+        """The experiment's model: `heads` ({task: head layer}) on `--architecture` (with
+        `--architecture_options`) built from `--backbone`."""
+        from mtl import architectures
+
+        return architectures.build(self.architecture, input_shape, heads,
+                                   backbone=self.backbone, **self.architecture_options)
 
     def trainer_options(self) -> TrainerOptions:
         return TrainerOptions(

@@ -14,7 +14,7 @@ from absl import flags
 from mtl import distribute, optimizers
 from mtl import weighting as weighting_lib
 from mtl.config import (GRADIENT_MODES, GRANULARITIES, MIXED_PRECISION,  # noqa: F401
-                        ON_NONFINITE, Config, UsageError, parse_weighting_options)
+                        ON_NONFINITE, Config, UsageError, parse_options)
 
 
 
@@ -46,6 +46,13 @@ def define_flags(**defaults) -> None:
     f.DEFINE_string("weighting_options", _options_text(values["weighting_options"]),
                     "Options of the weighting method, as name=value pairs ('c=0.4,rescale=1') "
                     "or a JSON object ('{\"c\": 0.4}'); see docs/weighting.md.")
+    f.DEFINE_string("architecture", values["architecture"],
+                    "How the tasks share the model: hps (one backbone, a head per task) or a "
+                    "soft-sharing architecture, one of "
+                    f"{list(_architecture_names())}; see the README.")
+    f.DEFINE_string("architecture_options", _options_text(values["architecture_options"]),
+                    "Options of the architecture, as name=value pairs ('num_experts=4') or a "
+                    "JSON object.")
     f.DEFINE_list("tasks", values["tasks"],
                   "Comma-separated subset of the experiment's tasks (e.g. one task for a "
                   "single-task baseline). Default: all.")
@@ -125,6 +132,12 @@ def _adopt_as_key_flags() -> None:
         flags.FLAGS.register_key_flag_for_module(main, flags.FLAGS[field.name])
 
 
+def _architecture_names():
+    from mtl import architectures
+
+    return architectures.ARCHITECTURES
+
+
 def _options_text(options: dict) -> str:
     import json
 
@@ -134,7 +147,7 @@ def _options_text(options: dict) -> str:
 def _flag_default(name, value):
     if name == "tasks" and value is not None:
         return ",".join(value)
-    if name == "weighting_options":
+    if name in ("weighting_options", "architecture_options"):
         return _options_text(value)
     if name == "allow_config_change":
         return ",".join(value) or None
@@ -149,8 +162,8 @@ def config_from_flags(flag_values=None) -> Config:
         value = fv[field.name].value
         if field.name == "tasks" and value is not None:
             value = tuple(v.strip() for v in value if v.strip())
-        if field.name == "weighting_options":
-            value = parse_weighting_options(value)
+        if field.name in ("weighting_options", "architecture_options"):
+            value = parse_options(value, f"--{field.name}")
         if field.name == "allow_config_change":
             value = tuple(v.strip() for v in value or () if v.strip())
         kwargs[field.name] = value
