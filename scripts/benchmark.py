@@ -23,6 +23,10 @@ the ratio to `mtl.Trainer` in its default settings (ratio > 1: slower than mtl):
                          mtl.Trainer with a weighting method in exact or rep mode, with one
                          micro-batch per update or two of half the batch (the same examples
                          per update); `--weighting` adds every mode of the methods named
+  architecture/<name>    mtl.Trainer (equal weighting) on a soft-sharing architecture of
+                         `mtl.architectures` with its default options, experts built from
+                         --backbone; `--variants=architectures` times all of them, with
+                         time vs hps
   --variants=step_cost   the cost of one semantics: bare_step, equal, an adaptive loss method
                          (uncertainty: with K=2 it needs a forward pre-pass over the update), an
                          exact Jacobian method and a rep-mode method (mgda), each with K=1, 2
@@ -33,6 +37,7 @@ that a change in the machine's load falls on all of them alike.
     python scripts/benchmark.py                                   # CPU, multi_digits, small_cnn
     python scripts/benchmark.py --weighting=all --out=bench.json  # + per-method step cost
     python scripts/benchmark.py --variants=step_cost              # K and mode costs vs the floor
+    python scripts/benchmark.py --variants=architectures          # each architecture vs hps
     python scripts/benchmark.py --strategy=mirrored --num_gpus=2  # on a GPU workstation
 
 Absolute times depend on the machine and its load; compare ratios from one run. A flag value
@@ -105,10 +110,12 @@ def _validate_list(flag: str, known, expected: str) -> None:
 _validate_list("tasks", lambda v: v in TASKS, f"some of {list(TASKS)}")
 _validate_list("weighting", lambda v: v == "all" or v in mtl.weighting.METHODS,
                f"'all' or some of {sorted(mtl.weighting.METHODS)}")
-_validate_list("variants", lambda v: v in VARIANTS or v == "step_cost"
-               or _weighting_variant(v) is not None,
-               f"'step_cost', or some of {list(VARIANTS)} and weighting/<method>/<exact|rep>"
-               "[/K=2]")
+_validate_list("variants", lambda v: v in VARIANTS or v in ("step_cost", "architectures")
+               or _weighting_variant(v) is not None
+               or (v.startswith("architecture/")
+                   and v.split("/", 1)[1] in mtl.architectures.ARCHITECTURES),
+               f"'step_cost', 'architectures', or some of {list(VARIANTS)}, "
+               "weighting/<method>/<exact|rep>[/K=2] and architecture/<name>")
 
 
 def task_specs():
@@ -119,10 +126,11 @@ def task_specs():
     return {name: specs[name] for name in FLAGS.tasks}
 
 
-def build_model(seed=0):
+def build_model(seed=0, architecture="hps"):
     keras.utils.set_random_seed(seed)
-    backbone = mtl.backbones.get(FLAGS.backbone, multi_digits.IMAGE_SHAPE)
-    return mtl.MultiTaskModel(backbone, {t: head() for t, (head, _, _) in task_specs().items()})
+    return mtl.architectures.build(architecture, multi_digits.IMAGE_SHAPE,
+                                   {t: head() for t, (head, _, _) in task_specs().items()},
+                                   backbone=FLAGS.backbone)
 
 
 def mtl_tasks():
@@ -158,11 +166,12 @@ def timed_interleaved(runners, steps, repeats, warmups):
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def mtl_variant(strategy, data, policy="float32", weighting="equal", **trainer_args):
+def mtl_variant(strategy, data, policy="float32", weighting="equal", architecture="hps",
+                **trainer_args):
     keras.mixed_precision.set_global_policy(policy)
     try:
         with strategy.scope():
-            model = build_model()
+            model = build_model(architecture=architecture)
             trainer = mtl.Trainer(model, mtl_tasks(), optimizer=keras.optimizers.Adam(1e-3),
                                   weighting=weighting, strategy=strategy, log_every=10 ** 9,
                                   checkpoint_every=None, **trainer_args)
@@ -266,6 +275,12 @@ def main(argv):
     # (the steady state of a run); the first epoch also reads and decodes the TFRecords.
     warmups = {"mtl/pipeline": 12_000 // batch + 10}
     names = STEP_COST if FLAGS.variants == ["step_cost"] else list(FLAGS.variants)
+    if names == ["architectures"]:
+        names = [f"architecture/{a}" for a in mtl.architectures.ARCHITECTURES]
+    for name in names:
+        if name.startswith("architecture/"):
+            builders[name] = (lambda a=name.split("/", 1)[1]: mtl_variant(
+                strategy, memory, architecture=a, steps_per_loop=n))
     for name in names:
         parsed = _weighting_variant(name)
         if parsed is not None:
@@ -296,12 +311,15 @@ def main(argv):
     base = results.get("mtl", next(iter(results.values())))["ms_per_step"]
     equal = results.get("weighting/equal/exact", results.get("mtl", {})).get("ms_per_step")
     bare = results.get("bare_step", {}).get("ms_per_step")
+    hps = results.get("architecture/hps", {}).get("ms_per_step")
     for name, r in results.items():
         r["time_vs_mtl"] = r["ms_per_step"] / base
         if equal and name.startswith("weighting/"):
             r["time_vs_equal"] = r["ms_per_step"] / equal
         if bare:
             r["time_vs_bare_step"] = r["ms_per_step"] / bare
+        if hps and name.startswith("architecture/"):
+            r["time_vs_hps"] = r["ms_per_step"] / hps
     print(format_table(results))
     os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
     with open(FLAGS.out, "w") as f:
@@ -318,13 +336,14 @@ def machine() -> str:
 
 
 def format_table(results) -> str:
-    lines = ["| variant | ms/step | examples/s | time vs mtl | time vs equal | time vs bare step |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| variant | ms/step | examples/s | time vs mtl | time vs equal | time vs bare step "
+             "| time vs hps |", "|---|---:|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
         vs_equal = f"{r['time_vs_equal']:.2f}x" if "time_vs_equal" in r else ""
         vs_bare = f"{r['time_vs_bare_step']:.2f}x" if "time_vs_bare_step" in r else ""
+        vs_hps = f"{r['time_vs_hps']:.2f}x" if "time_vs_hps" in r else ""
         lines.append(f"| {name} | {r['ms_per_step']:.2f} | {r['examples_per_sec']:.0f} | "
-                     f"{r['time_vs_mtl']:.2f}x | {vs_equal} | {vs_bare} |")
+                     f"{r['time_vs_mtl']:.2f}x | {vs_equal} | {vs_bare} | {vs_hps} |")
     return "\n".join(lines)
 
 

@@ -5,9 +5,16 @@
     python scripts/run_baselines.py --experiment=multi_digits --out=runs/quick -- \\
         --train_steps=500 --eval_every=250
 
+    python scripts/run_baselines.py --experiment=multi_digits --out=runs/md_arch \
+        --architectures=hps,mmoe,cross_stitch
+
 Runs, one after the other, `experiments/<experiment>.py --tasks=<task> --model_dir=OUT/stl_<task>`
 for every task, then `--model_dir=OUT/mtl` with all of them (flags after `--` go to every run),
-and finally the report (scripts/report.py) into OUT/report. A run folder that already holds a
+and finally the report (scripts/report.py) into OUT/report. With `--architectures`, the
+single-task baselines are trained once (hard sharing with one task is the single-task model)
+and the multi-task run once per architecture, `OUT/mtl` for hps and `OUT/mtl_<architecture>`
+with `--architecture=<architecture>` for the others, each with its report
+(`OUT/report`, `OUT/report_<architecture>`) and a summary table of Δm per architecture. A run folder that already holds a
 finished run is resumed, i.e. only evaluated again: rerunning the command is cheap. Flags after
 `--` may not set --tasks or --model_dir (run_baselines sets them per run); bad input prints
 `error: ...` and exits with status 2 before any run starts.
@@ -29,7 +36,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # Flags every run gets from run_baselines itself; after `--` they would override them.
-OWN_FLAGS = ("--tasks", "--model_dir")
+OWN_FLAGS = ("--tasks", "--model_dir", "--architecture")
 
 
 def parse_args(argv=None):
@@ -38,6 +45,8 @@ def parse_args(argv=None):
     parser.add_argument("--out", required=True, help="Folder for the runs and the report.")
     parser.add_argument("--tasks", default=None,
                         help="Comma-separated tasks (default: every task of the experiment).")
+    parser.add_argument("--architectures", default="hps",
+                        help="Comma-separated architectures of the multi-task runs (default: hps).")
     parser.add_argument("--experiments_dir", default=os.path.join(ROOT, "experiments"),
                         help="Folder of experiment scripts.")
     parser.add_argument("extra", nargs="*", help="Flags for every run, after `--`.")
@@ -52,12 +61,23 @@ def experiment_tasks(name: str, experiments_dir: str) -> list[str]:
     return [t.name for t in experiment.tasks(flags.Config())]
 
 
+def mtl_run_name(architecture: str) -> str:
+    return "mtl" if architecture == "hps" else f"mtl_{architecture}"
+
+
+def report_name(architecture: str) -> str:
+    return "report" if architecture == "hps" else f"report_{architecture}"
+
+
 def plan(experiment: str, out: str, tasks: list[str], extra: list[str],
-         experiments_dir: str) -> list[tuple[str, list[str]]]:
-    """[(run name, command)]: one single-task run per task, then the multi-task run."""
+         experiments_dir: str, architectures=("hps",)) -> list[tuple[str, list[str]]]:
+    """[(run name, command)]: one single-task run per task, then a multi-task run per
+    architecture."""
     script = os.path.join(experiments_dir, f"{experiment}.py")
     runs = [(f"stl_{task}", [f"--tasks={task}"]) for task in tasks]
-    runs.append(("mtl", [f"--tasks={','.join(tasks)}"]))
+    for architecture in architectures:
+        runs.append((mtl_run_name(architecture), [f"--tasks={','.join(tasks)}"] + (
+            [] if architecture == "hps" else [f"--architecture={architecture}"])))
     return [(name, [sys.executable, script, f"--model_dir={os.path.join(out, name)}", *flags,
                     *extra]) for name, flags in runs]
 
@@ -67,9 +87,10 @@ def check_extra(extra: list[str]) -> None:
     for flag in extra:
         name = "--" + flag.lstrip("-").split("=", 1)[0]  # absl takes -flag and --flag alike.
         if flag.startswith("-") and name in OWN_FLAGS:
-            raise UsageError(f"{flag!r} after `--`: run_baselines sets {' and '.join(OWN_FLAGS)} "
-                             "for each run itself (one run per task, then all of them); choose "
-                             "the tasks with run_baselines' own --tasks and the folder with --out.")
+            raise UsageError(f"{flag!r} after `--`: run_baselines sets {', '.join(OWN_FLAGS)} "
+                             "for each run itself (one run per task, then all of them per "
+                             "architecture); choose the tasks with run_baselines' own --tasks, "
+                             "the folder with --out and the architectures with --architectures.")
 
 
 def run(argv=None) -> int:
@@ -79,9 +100,16 @@ def run(argv=None) -> int:
     if not os.path.exists(script):
         raise UsageError(f"--experiment={args.experiment!r}: no experiment script {script}.")
     check_extra(args.extra)
+    from mtl import architectures as architectures_lib
     from mtl import report
 
-    report.check_out_dir(os.path.join(args.out, "report"))
+    architectures = [a.strip() for a in args.architectures.split(",") if a.strip()]
+    unknown = [a for a in architectures if a not in architectures_lib.ARCHITECTURES]
+    if unknown or not architectures:
+        raise UsageError(f"--architectures={args.architectures!r}: expected some of "
+                         f"{list(architectures_lib.ARCHITECTURES)}.")
+    for architecture in architectures:
+        report.check_out_dir(os.path.join(args.out, report_name(architecture)))
     available = experiment_tasks(args.experiment, args.experiments_dir)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else available
     unknown = [t for t in tasks if t not in available]
@@ -90,19 +118,30 @@ def run(argv=None) -> int:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
     for name, command in plan(args.experiment, args.out, tasks, args.extra,
-                              args.experiments_dir):
+                              args.experiments_dir, architectures):
         print(f"==> {name}: {' '.join(command)}", flush=True)
         status = subprocess.run(command, env=env).returncode
         if status != 0:
             print(f"error: run {name} failed with exit status {status}.", file=sys.stderr)
             return status
-    result = report.write_report(os.path.join(args.out, "mtl"),
-                                 {t: os.path.join(args.out, f"stl_{t}") for t in tasks},
-                                 os.path.join(args.out, "report"))
-    print(result.markdown)
-    for note in result.notes:
-        print(note)
-    print("Wrote " + ", ".join(result.files))
+    summary = []
+    for architecture in architectures:
+        result = report.write_report(os.path.join(args.out, mtl_run_name(architecture)),
+                                     {t: os.path.join(args.out, f"stl_{t}") for t in tasks},
+                                     os.path.join(args.out, report_name(architecture)))
+        print(result.markdown)
+        for note in result.notes:
+            print(note)
+        print("Wrote " + ", ".join(result.files))
+        summary.append((architecture, result.delta))
+    if len(architectures) > 1:
+        print("\n| architecture | " + " | ".join(f"{t} (%)" for t in tasks) + " | Δm (%) |")
+        print("| --- |" + " ---: |" * (len(tasks) + 1))
+        for architecture, delta in summary:
+            cells = [f"{delta.per_task[t]:+.2f}" if delta.per_task.get(t) is not None else "-"
+                     for t in tasks]
+            value = "-" if delta.value is None else f"{delta.value:+.2f}"
+            print(f"| {architecture} | " + " | ".join(cells) + f" | {value} |")
     return 0
 
 

@@ -222,6 +222,13 @@ def test_run_baselines_plans_one_run_per_task_then_the_multi_task_run():
         ("mtl", [sys.executable, os.path.join("exps", "multi_digits.py"),
                  "--model_dir=" + os.path.join("out", "mtl"), "--tasks=left,sum",
                  "--train_steps=5"])]
+    # Per architecture: the baselines once, a multi-task run per architecture.
+    plan = script.plan("multi_digits", "out", ["left"], [], "exps", ["hps", "mmoe"])
+    assert [(name, command[2:]) for name, command in plan] == [
+        ("stl_left", ["--model_dir=" + os.path.join("out", "stl_left"), "--tasks=left"]),
+        ("mtl", ["--model_dir=" + os.path.join("out", "mtl"), "--tasks=left"]),
+        ("mtl_mmoe", ["--model_dir=" + os.path.join("out", "mtl_mmoe"), "--tasks=left",
+                      "--architecture=mmoe"])]
 
 
 def test_run_baselines_end_to_end(tmp_path, digits_data_dir):

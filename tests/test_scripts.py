@@ -88,8 +88,8 @@ def test_run_baselines_refuses_flags_it_sets_itself_before_training(tmp_path, ca
         assert script.main(["--experiment=multi_digits", f"--out={tmp_path / 'out'}", "--",
                             *extra]) == 2
         assert capsys.readouterr().err.startswith(
-            f"error: {flag!r} after `--`: run_baselines sets --tasks and --model_dir for each "
-            "run itself")
+            f"error: {flag!r} after `--`: run_baselines sets --tasks, --model_dir, --architecture "
+            "for each run itself")
     assert not (tmp_path / "out").exists()
     assert script.main(["--experiment=no_such_experiment", f"--out={tmp_path / 'out'}"]) == 2
     assert "error: --experiment='no_such_experiment': no experiment script " in \
