@@ -2,8 +2,9 @@
 """Step-time benchmark: mtl.Trainer against the loops users would pick instead.
 
 One process, one model, the same data and global batch for every variant; after a warm-up, each
-variant trains `--steps` steps `--repeats` times and the median time per step is reported, with
-the ratio to `mtl.Trainer` in its default settings (ratio > 1: slower than mtl):
+variant trains `--steps` steps `--repeats` times and the median time per step is reported (with the
+fastest and slowest repetition beside it, so a noisy run shows), with the ratio to `mtl.Trainer` in
+its default settings (ratio > 1: slower than mtl):
 
   mtl                    mtl.Trainer, defaults (10 steps per compiled call)
   mtl/steps_per_loop=1   one step per compiled call
@@ -154,7 +155,7 @@ STEP_COST = ["bare_step", "weighting/equal/exact", "weighting/equal/exact/K=2",
 
 def timed_interleaved(runners, steps, repeats, warmups):
     """runners: {name: run_steps(n)}. Warms each up, then times every one in turn `repeats`
-    times; returns {name: median seconds per step}."""
+    times; returns {name: (median, min, max) seconds per step over the repetitions}."""
     for name, run_steps in runners.items():
         run_steps(warmups.get(name) or max(steps // 5, 2))  # tracing and compilation
     times = {name: [] for name in runners}
@@ -163,7 +164,7 @@ def timed_interleaved(runners, steps, repeats, warmups):
             start = time.perf_counter()
             run_steps(steps)
             times[name].append((time.perf_counter() - start) / steps)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return {name: (statistics.median(t), min(t), max(t)) for name, t in times.items()}
 
 
 def mtl_variant(strategy, data, policy="float32", weighting="equal", architecture="hps",
@@ -306,8 +307,9 @@ def main(argv):
                                                                 steps_per_loop=n)
     seconds = timed_interleaved({name: builders[name]() for name in names}, FLAGS.steps,
                                 FLAGS.repeats, warmups)
-    results = {name: {"ms_per_step": s * 1e3, "examples_per_sec": batch / s}
-               for name, s in seconds.items()}
+    results = {name: {"ms_per_step": s * 1e3, "ms_min": low * 1e3, "ms_max": high * 1e3,
+                      "examples_per_sec": batch / s}
+               for name, (s, low, high) in seconds.items()}
     base = results.get("mtl", next(iter(results.values())))["ms_per_step"]
     equal = results.get("weighting/equal/exact", results.get("mtl", {})).get("ms_per_step")
     bare = results.get("bare_step", {}).get("ms_per_step")
@@ -336,13 +338,14 @@ def machine() -> str:
 
 
 def format_table(results) -> str:
-    lines = ["| variant | ms/step | examples/s | time vs mtl | time vs equal | time vs bare step "
-             "| time vs hps |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| variant | ms/step (median) | min | max | examples/s | time vs mtl | time vs equal "
+             "| time vs bare step | time vs hps |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
         vs_equal = f"{r['time_vs_equal']:.2f}x" if "time_vs_equal" in r else ""
         vs_bare = f"{r['time_vs_bare_step']:.2f}x" if "time_vs_bare_step" in r else ""
         vs_hps = f"{r['time_vs_hps']:.2f}x" if "time_vs_hps" in r else ""
-        lines.append(f"| {name} | {r['ms_per_step']:.2f} | {r['examples_per_sec']:.0f} | "
+        lines.append(f"| {name} | {r['ms_per_step']:.2f} | {r['ms_min']:.2f} | "
+                     f"{r['ms_max']:.2f} | {r['examples_per_sec']:.0f} | "
                      f"{r['time_vs_mtl']:.2f}x | {vs_equal} | {vs_bare} | {vs_hps} |")
     return "\n".join(lines)
 
