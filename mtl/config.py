@@ -113,6 +113,10 @@ class TrainerOptions:
         "all" the shared variables together (the papers' form), "layer" each shared layer's
         variables on their own, "variable" each shared variable on its own (GradVac's and
         TorchJD's grouping); each group gets its own method instance and state.
+      jacobian_chunk_size: gradient methods in exact mode compute the per-task gradients this
+        many tasks at a time (one batched Jacobian per chunk): the backward pass holds the
+        activation gradients of that many tasks, not of all T (None: all at once). The result
+        is the same; smaller chunks trade speed for memory.
       clip_norm: clip the update's gradient of the model's variables to this global norm
         (None: no clipping), computed on the whole update's gradient (after the sum over
         replicas and micro-batches), so that it clips as on one device. (Keras's `clipnorm`
@@ -136,9 +140,11 @@ class TrainerOptions:
     fine_tuning: FineTuning = FineTuning()
     granularity: str = "all"
     clip_norm: float | None = None
+    jacobian_chunk_size: int | None = None
     allow_config_change: tuple[str, ...] = ()
 
     def __post_init__(self):
+        check_int("jacobian_chunk_size", self.jacobian_chunk_size, 1, optional=True)
         if self.clip_norm is not None:
             check_positive("clip_norm", self.clip_norm)
         for name in ("steps_per_loop", "log_every", "grad_accum_steps", "max_to_keep"):
@@ -267,6 +273,7 @@ class Config:
     gradient_mode: str = "exact"
     granularity: str = "all"
     clip_norm: float | None = None
+    jacobian_chunk_size: int | None = None
     max_to_keep: int = 3
     deterministic: bool = False
     checkpoint_input: bool = True
@@ -284,7 +291,8 @@ class Config:
                       "checkpoint_every", "log_every", "steps_per_loop", "data_dir",
                       "max_to_keep", "diagnostics_every", "strategy", "num_gpus",
                       "cpu_replicas", "tpu", "jit_compile", "deterministic", "checkpoint_input",
-                      "init_backbone_from", "on_nonfinite", "allow_config_change")
+                      "init_backbone_from", "on_nonfinite", "allow_config_change",
+                      "jacobian_chunk_size")
     #: Which entry of the trainer's record (`TRAINER_RECORD`) a field feeds.
     TRAINER_FIELDS = {"tasks": "tasks", "weighting": "weighting",
                       "weighting_options": "weighting", "optimizer": "optimizer",
@@ -392,6 +400,7 @@ class Config:
             grad_accum_steps=self.grad_accum_steps, jit_compile=self.jit_compile,
             on_nonfinite=self.on_nonfinite, gradient_mode=self.gradient_mode,
             granularity=self.granularity, clip_norm=self.clip_norm or None,
+            jacobian_chunk_size=self.jacobian_chunk_size or None,
             checkpoint_input=self.checkpoint_input,
             diagnostics_every=self.diagnostics_every or None, fine_tuning=self.fine_tuning(),
             allow_config_change=tuple(sorted({self.TRAINER_FIELDS[f]

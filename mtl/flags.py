@@ -92,6 +92,9 @@ def define_flags(**defaults) -> None:
     f.DEFINE_float("clip_norm", values["clip_norm"],
                    "Clip the update's gradient to this global norm, computed over all replicas "
                    "and micro-batches (as on one device); unset: no clipping.")
+    f.DEFINE_integer("jacobian_chunk_size", values["jacobian_chunk_size"],
+                     "Gradient methods (exact mode): compute the per-task gradients this many "
+                     "tasks at a time, bounding the backward pass's memory (unset: all at once).")
     f.DEFINE_integer("max_to_keep", values["max_to_keep"], "Checkpoints kept in model_dir.")
     f.DEFINE_string("init_backbone_from", values["init_backbone_from"],
                     "Start the backbone from another run (its model_dir or a checkpoint) or a "

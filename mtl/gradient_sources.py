@@ -493,8 +493,12 @@ class JacobianRows(_Source):
     the whole batch's J into one direction (cross-replica context), once per update. The other
     variables get the gradient of sum_t Task.weight * L_t, the regularisation its own."""
 
-    def __init__(self, *, group_methods: dict | None = None, group_of=None, **kwargs):
+    def __init__(self, *, group_methods: dict | None = None, group_of=None,
+                 chunk_size: int | None = None, **kwargs):
         super().__init__(**kwargs)
+        #: Tasks per batched Jacobian: the backward pass holds that many tasks' activation
+        #: gradients at once (memory bounded in the chunk, not in T); None: all at once.
+        self.chunk_size = min(chunk_size or self.num_tasks, self.num_tasks)
         # Per-group aggregation: the columns of each group of shared variables (a layer, a
         # variable) are combined by that group's own method instance.
         self.groups = None
@@ -519,10 +523,16 @@ class JacobianRows(_Source):
             scaled_rows = rows * scale
             reg_scaled = 0.0 if reg is None else reg * scale
             plain_target = tf.reduce_sum(scaled_rows) + reg_scaled
-        # One batched Jacobian (pfor) for all tasks, not T separate backward passes.
-        jacobian = tape.jacobian(scaled_rows, self.shared, experimental_use_pfor=True,
+            # The rows in chunks of tasks (sliced on the tape, so that they connect).
+            chunks = [scaled_rows[start:start + self.chunk_size]
+                      for start in range(0, self.num_tasks, self.chunk_size)]
+        # One batched Jacobian (pfor) per chunk of tasks, not T separate backward passes.
+        pieces = []
+        for chunk in chunks:
+            part = tape.jacobian(chunk, self.shared, experimental_use_pfor=True,
                                  unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        jacobian = flatten_gradients(jacobian, self.num_tasks) / scale
+            pieces.append(flatten_gradients(part, int(chunk.shape[0])))
+        jacobian = (pieces[0] if len(pieces) == 1 else tf.concat(pieces, axis=0)) / scale
         plain = tape.gradient(plain_target, self.plain)
         if reg is None:
             reg_shared = [None] * len(self.shared)
@@ -584,7 +594,8 @@ class JacobianRows(_Source):
 # --------------------------------------------------------------------------- the choice
 def gradient_source(*, method, gradient_mode: str, forward_for: Callable, tasks, strategy,
                     model_variables, shared_variables, micro_batches: int,
-                    group_methods: dict | None = None, group_of=None) -> _Source:
+                    group_methods: dict | None = None, group_of=None,
+                    jacobian_chunk_size: int | None = None) -> _Source:
     """The one place where the weighting family decides how gradients are computed.
 
     `forward_for(need_features)` builds the `Forward` the source needs.
@@ -607,4 +618,5 @@ def gradient_source(*, method, gradient_mode: str, forward_for: Callable, tasks,
         return WeightedGradients(decision, forward=forward_for(True),
                                  shared_variables=shared_variables, **common)
     return JacobianRows(forward=forward_for(False), shared_variables=shared_variables,
-                        group_methods=group_methods, group_of=group_of, **common)
+                        group_methods=group_methods, group_of=group_of,
+                        chunk_size=jacobian_chunk_size, **common)

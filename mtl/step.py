@@ -145,7 +145,8 @@ class TrainStep:
                 model, self.tasks, need_features=need_features),
             tasks=self.tasks, strategy=strategy, model_variables=model_variables,
             shared_variables=self.shared_variables, micro_batches=self.micro_batches,
-            group_methods=group_methods, group_of=group_of)
+            group_methods=group_methods, group_of=group_of,
+            jacobian_chunk_size=options.jacobian_chunk_size)
         if options.jit_compile:
             # Forward and backward only: XLA cannot compile the cross-replica parts (PITFALLS).
             self.source._replica_pass = tf.function(self.source._replica_pass,

@@ -66,6 +66,8 @@ def _cases_one():
         {"method": "equal", "k": 1, "arch": "ple"},
         {"method": "nash_mtl", "k": 1, "arch": "cgc"},
         {"method": "famo", "k": 2, "arch": "mmoe", "clip": True},
+        # The Jacobian a chunk of tasks at a time.
+        {"method": "upgrad", "k": 2, "reg": True, "chunk": 1},
     ]
     return cases
 
@@ -86,6 +88,7 @@ def _cases_mirrored():
         {"method": "famo", "k": 2, "reg": True, "clip": True},
         {"method": "pcgrad", "k": 1, "clip": True},
         {"method": "mgda", "mode": "rep", "k": 2, "clip": True},
+        {"method": "nash_mtl", "k": 2, "arch": "cross_stitch", "chunk": 2},
     ]
     return cases
 
@@ -113,7 +116,8 @@ def results():
 def _name(r):
     return (f"{r['method']}/{r['mode']} K={r['k']} R={r['replicas']} reg={r['reg']} "
             f"frozen={r['frozen']} dropout={r['dropout']} {r['optimizer']} "
-            f"granularity={r['granularity']} clip={r['clip']} arch={r['arch']}")
+            f"granularity={r['granularity']} clip={r['clip']} arch={r['arch']} "
+            f"chunk={r['chunk']}")
 
 
 def test_every_case_ran(results):

@@ -5,7 +5,7 @@ each case given, and prints one JSON line per case with how far apart they end.
 
 A case: {"method", "mode" (exact|rep), "k" (micro-batches), "reg" (L2 on a shared layer),
 "frozen" (backbone frozen), "dropout" (a Dropout layer in the backbone), "optimizer",
-"granularity", "clip" (clip_norm=CLIP_NORM), "arch" (a soft-sharing architecture of
+"granularity", "clip" (clip_norm=CLIP_NORM), "chunk" (jacobian_chunk_size), "arch" (a soft-sharing architecture of
 `mtl.architectures` with MLP experts; "hps": the backbone and heads)}. The update
 batch is 16 examples; task "a" misses labels (placeholder -1, sample weight 0), task "c" has no
 label at all in some micro-batches. Run as a subprocess: "mirrored" needs 2 logical CPUs set up
@@ -97,6 +97,7 @@ def run_case(strategy, case):
                               grad_accum_steps=case["k"], steps_per_loop=UPDATES,
                               strategy=strategy, granularity=case["granularity"],
                               clip_norm=CLIP_NORM if case["clip"] else None,
+                              jacobian_chunk_size=case["chunk"],
                               fine_tuning=mtl.FineTuning(freeze_backbone=case["frozen"]))
     initial = [w.numpy() for w in model.weights]
     micro = UPDATE_BATCH // case["k"]
@@ -157,7 +158,7 @@ def main():
     for case in cases:
         case = {"mode": "exact", "k": 1, "reg": False, "frozen": False, "dropout": False,
                 "optimizer": "sgd", "granularity": "all", "clip": False, "arch": "hps",
-                **case}
+                "chunk": None, **case}
         try:
             result = run_case(strategy, case)
         except Exception as e:  # reported, so one case does not hide the others
