@@ -117,6 +117,13 @@ class TrainerOptions:
         many tasks at a time (one batched Jacobian per chunk): the backward pass holds the
         activation gradients of that many tasks, not of all T (None: all at once). The result
         is the same; smaller chunks trade speed for memory.
+      jacobian_scope: partial Jacobian descent (TorchJD's partial Jacobian), for methods defined
+        by the Gramian of the task gradients: the method's weights come from the Gramian of the
+        per-task gradients of a scope of the shared variables only, "top:N" (the last N shared
+        layers, in the model's order) or a sequence of layer names; every shared variable then
+        gets sum_t w_t grad(row_t) by one backward pass. None: exact mode (the scope is every
+        shared variable). An approximation of the method, stated as such: the weights see only
+        the scope's conflicts.
       clip_norm: clip the update's gradient of the model's variables to this global norm
         (None: no clipping), computed on the whole update's gradient (after the sum over
         replicas and micro-batches), so that it clips as on one device. (Keras's `clipnorm`
@@ -141,9 +148,17 @@ class TrainerOptions:
     granularity: str = "all"
     clip_norm: float | None = None
     jacobian_chunk_size: int | None = None
+    jacobian_scope: Any = None
     allow_config_change: tuple[str, ...] = ()
 
     def __post_init__(self):
+        object.__setattr__(self, "jacobian_scope", parse_jacobian_scope(self.jacobian_scope))
+        if self.jacobian_scope is not None and (self.gradient_mode != "exact"
+                                                or self.granularity != "all"):
+            raise UsageError(f"jacobian_scope={_scope_text(self.jacobian_scope)!r} chooses the "
+                             "shared variables whose Gramian the method sees; it needs "
+                             "gradient_mode='exact' and granularity='all' (got "
+                             f"{self.gradient_mode!r} and {self.granularity!r}).")
         check_int("jacobian_chunk_size", self.jacobian_chunk_size, 1, optional=True)
         if self.clip_norm is not None:
             check_positive("clip_norm", self.clip_norm)
@@ -172,9 +187,38 @@ class TrainerOptions:
         return dataclasses.replace(options or cls(), **settings)
 
 
+def parse_jacobian_scope(value):
+    """None / "" / "all" -> None; "top:N" -> ("top", N); "a,b" or a sequence of layer names ->
+    ("layers", (a, b)). Anything else: `UsageError` naming the expected forms."""
+    expected = ("expected 'top:N' (N >= 1: the last N shared layers) or layer names "
+                "('conv_1,features' or a list)")
+    if value is None or value == "" or value == "all":
+        return None
+    if isinstance(value, tuple) and len(value) == 2 and value[0] in ("top", "layers"):
+        return value
+    if isinstance(value, str):
+        if value.startswith("top:"):
+            count = value[4:]
+            if not count.isdigit() or int(count) < 1:
+                raise UsageError(f"jacobian_scope={value!r}: {expected}.")
+            return ("top", int(count))
+        names = tuple(n.strip() for n in value.split(",") if n.strip())
+    elif isinstance(value, (list, tuple)) and all(isinstance(n, str) for n in value):
+        names = tuple(value)
+    else:
+        raise UsageError(f"jacobian_scope={value!r}: {expected}.")
+    if not names:
+        raise UsageError(f"jacobian_scope={value!r}: {expected}.")
+    return ("layers", names)
+
+
+def _scope_text(scope) -> str:
+    return f"top:{scope[1]}" if scope[0] == "top" else ",".join(scope[1])
+
+
 #: What `trainer.json` records (`mtl.run_record`): all of it shapes a run's state or results.
 TRAINER_RECORD = ("tasks", "weighting", "optimizer", "precision", "grad_accum_steps",
-                  "gradient_mode", "granularity", "clip_norm", "fine_tuning")
+                  "gradient_mode", "granularity", "clip_norm", "jacobian_scope", "fine_tuning")
 
 
 def _check_names(name: str, given, allowed) -> None:
@@ -274,6 +318,7 @@ class Config:
     granularity: str = "all"
     clip_norm: float | None = None
     jacobian_chunk_size: int | None = None
+    jacobian_scope: str | None = None
     max_to_keep: int = 3
     deterministic: bool = False
     checkpoint_input: bool = True
@@ -299,6 +344,7 @@ class Config:
                       "learning_rate": "optimizer", "mixed_precision": "precision",
                       "grad_accum_steps": "grad_accum_steps", "gradient_mode": "gradient_mode",
                       "granularity": "granularity", "clip_norm": "clip_norm",
+                      "jacobian_scope": "jacobian_scope",
                       "freeze_backbone": "fine_tuning", "unfreeze_at_step": "fine_tuning",
                       "unfreeze_top_layers": "fine_tuning",
                       "backbone_lr_multiplier": "fine_tuning"}
@@ -401,6 +447,7 @@ class Config:
             on_nonfinite=self.on_nonfinite, gradient_mode=self.gradient_mode,
             granularity=self.granularity, clip_norm=self.clip_norm or None,
             jacobian_chunk_size=self.jacobian_chunk_size or None,
+            jacobian_scope=self.jacobian_scope or None,
             checkpoint_input=self.checkpoint_input,
             diagnostics_every=self.diagnostics_every or None, fine_tuning=self.fine_tuning(),
             allow_config_change=tuple(sorted({self.TRAINER_FIELDS[f]

@@ -95,6 +95,10 @@ def define_flags(**defaults) -> None:
     f.DEFINE_integer("jacobian_chunk_size", values["jacobian_chunk_size"],
                      "Gradient methods (exact mode): compute the per-task gradients this many "
                      "tasks at a time, bounding the backward pass's memory (unset: all at once).")
+    f.DEFINE_string("jacobian_scope", values["jacobian_scope"],
+                    "Partial Jacobian for Gramian methods: their weights come from the task "
+                    "gradients of the last N shared layers ('top:N') or of the layers named "
+                    "('conv_1,features'); unset: all shared variables (exact mode).")
     f.DEFINE_integer("max_to_keep", values["max_to_keep"], "Checkpoints kept in model_dir.")
     f.DEFINE_string("init_backbone_from", values["init_backbone_from"],
                     "Start the backbone from another run (its model_dir or a checkpoint) or a "

@@ -38,6 +38,7 @@ from mtl import weighting as weighting_lib
 from mtl.task_losses import compute_task_losses, unpack_batch
 from mtl.tasks import Task
 from mtl.weighting import StepContext
+from mtl.weighting.base import gramian as gramian_of
 
 # Layout of the statistics vector each micro-batch returns per replica (summed over both):
 # [task-loss shares (T), regularisation share, examples, non-finite gradient flag].
@@ -306,6 +307,17 @@ class RepMaskDecision:
         return tf.stop_gradient(tf.cast(masks, tf.float32)), self.task_weights, []
 
 
+class ScopeDecision(RepDecision):
+    """Partial Jacobian descent (`jacobian_scope`): a Gramian method decides from the Gramian
+    of the per-task gradients of a scope of the shared variables, J_s [T, P_s], summed over the
+    update's micro-batches and replicas first (the Gramian of a sum is not the sum of the
+    Gramians); every shared variable then gets sum_t w_t grad(row_t), the other variables their
+    task's plain gradient, as in rep mode."""
+
+    def decide(self, losses, jacobian, num_replicas: int = 1):
+        return super().decide(losses, gramian_of(jacobian), num_replicas)
+
+
 class PlainSum:
     """No trainable variable is shared between tasks: a gradient method has nothing to
     combine, and every variable gets its task's plain gradient (the weighted loss sum)."""
@@ -331,13 +343,17 @@ class WeightedGradients(_Source):
     must see the whole batch; then K backward passes with fixed weights.
     """
 
-    def __init__(self, decision, **kwargs):
+    def __init__(self, decision, scope_variables=None, **kwargs):
         super().__init__(**kwargs)
         self.decision = decision
         # The shared variables are differentiated apart only when their weights differ.
         self.separate_shared = isinstance(decision, (RepDecision, RepMaskDecision))
         self.masked = isinstance(decision, RepMaskDecision)
-        if self.masked:
+        self.scope = list(scope_variables or ())
+        if self.scope:
+            size = sum(int(np.prod(v.shape)) for v in self.scope)
+            self.statistic_shape = [self.num_tasks, size]
+        elif self.masked:
             size = int(np.prod(self.forward.feature_shape))
             self.statistic_shape = [self.num_tasks, size]
         else:
@@ -355,6 +371,11 @@ class WeightedGradients(_Source):
         """This replica's statistic of the task rows' gradients w.r.t. the shared features
         (float32: the features may be float16 or bfloat16): their Gramian [T, T], or (masked,
         GradDrop) their sums over the examples times sign(features), [T, D]."""
+        if self.scope:
+            # Partial Jacobian: the scope's per-task gradients, [T, P_s] (additive).
+            jacobian = tape.jacobian(scaled_rows, self.scope, experimental_use_pfor=True,
+                                     unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            return flatten_gradients(jacobian, self.num_tasks) / scale
         if jacobian is None:
             jacobian = self._rep_jacobian(tape, scaled_rows, shared_features)
         if self.masked:
@@ -380,7 +401,9 @@ class WeightedGradients(_Source):
         replicas = self.strategy.num_replicas_in_sync
         losses = tf.stop_gradient(shares)
         gramian = jacobian = None
-        if self.decision.needs_gramian:
+        if self.decision.needs_gramian and self.scope:
+            gramian = self._gramian(tape, scaled_rows, shared_features, scale)
+        elif self.decision.needs_gramian:
             jacobian = self._rep_jacobian(tape, scaled_rows, shared_features)
             gramian = self._gramian(tape, scaled_rows, shared_features, scale, jacobian)
         if self.decision.needs_whole_batch and replicas > 1:
@@ -595,7 +618,7 @@ class JacobianRows(_Source):
 def gradient_source(*, method, gradient_mode: str, forward_for: Callable, tasks, strategy,
                     model_variables, shared_variables, micro_batches: int,
                     group_methods: dict | None = None, group_of=None,
-                    jacobian_chunk_size: int | None = None) -> _Source:
+                    jacobian_chunk_size: int | None = None, scope_variables=None) -> _Source:
     """The one place where the weighting family decides how gradients are computed.
 
     `forward_for(need_features)` builds the `Forward` the source needs.
@@ -612,6 +635,10 @@ def gradient_source(*, method, gradient_mode: str, forward_for: Callable, tasks,
                      method.name)
         return WeightedGradients(PlainSum(task_weights), forward=forward_for(False),
                                  shared_variables=(), **common)
+    if scope_variables:
+        return WeightedGradients(ScopeDecision(method, task_weights), forward=forward_for(False),
+                                 shared_variables=shared_variables,
+                                 scope_variables=scope_variables, **common)
     if gradient_mode == "rep":
         decision = (RepMaskDecision if method.rep_form == "masks" else RepDecision)(
             method, task_weights)

@@ -119,7 +119,8 @@ class TrainStep:
     def __init__(self, *, model: keras.Model, tasks: Sequence[Task], weighting,
                  strategy: tf.distribute.Strategy, options: TrainerOptions,
                  optimizer_groups: dict, variables: Sequence[tf.Variable],
-                 shared_variables=(), group_methods: dict | None = None, group_of=None,
+                 shared_variables=(), scope_variables=None,
+                 group_methods: dict | None = None, group_of=None,
                  train_metrics: dict, eval_metrics: dict,
                  eval_losses: dict, step: tf.Variable, skipped_steps: tf.Variable,
                  loss_scale: LossScale | None = None):
@@ -146,7 +147,9 @@ class TrainStep:
             tasks=self.tasks, strategy=strategy, model_variables=model_variables,
             shared_variables=self.shared_variables, micro_batches=self.micro_batches,
             group_methods=group_methods, group_of=group_of,
-            jacobian_chunk_size=options.jacobian_chunk_size)
+            jacobian_chunk_size=options.jacobian_chunk_size,
+            scope_variables=None if scope_variables is None else [
+                v for v in scope_variables if id(v) in variable_ids])
         if options.jit_compile:
             # Forward and backward only: XLA cannot compile the cross-replica parts (PITFALLS).
             self.source._replica_pass = tf.function(self.source._replica_pass,

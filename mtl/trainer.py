@@ -191,6 +191,34 @@ class Trainer:
             methods[key] = method
         return methods
 
+    def _scope_variables(self, shared: list) -> list | None:
+        """The shared variables of `options.jacobian_scope` (None: no scope): of the last N
+        shared layers ("top:N", in the model's variable order), or of the layers named (a
+        layer's path, or its last part: "conv_1" names every layer called conv_1)."""
+        scope = self.options.jacobian_scope
+        if scope is None:
+            return None
+        if not isinstance(self.weighting, weighting_lib.GramianWeighting):
+            gramian_methods = sorted(n for n, c in weighting_lib.METHODS.items()
+                                     if issubclass(c, weighting_lib.GramianWeighting))
+            raise UsageError(
+                f"jacobian_scope applies to methods whose weights come from the Gramian of the "
+                f"task gradients; {self.weighting.name!r} is not one. Use one of "
+                f"{gramian_methods}, or leave jacobian_scope unset.")
+        layers = list(dict.fromkeys(v.path.rsplit("/", 1)[0] for v in shared))
+        if scope[0] == "top":
+            chosen = set(layers[-scope[1]:])
+        else:
+            chosen = set()
+            for name in scope[1]:
+                found = [k for k in layers if k == name or k.endswith("/" + name)]
+                if not found:
+                    raise UsageError(f"jacobian_scope names layer {name!r}, which has no "
+                                     f"variable shared by several tasks; the shared layers are "
+                                     f"{layers}.")
+                chosen.update(found)
+        return [v for v in shared if v.path.rsplit("/", 1)[0] in chosen]
+
     def _checkpointed(self) -> dict:
         """Everything a resumed run needs besides the input position."""
         objects = {name: optimizer for name, (optimizer, _) in self.optimizer_groups.items()}
@@ -212,11 +240,13 @@ class Trainer:
 
     def _build_step(self) -> None:
         """(Re)creates the compiled functions for the currently trainable variables."""
+        shared = shared_variables(self.model, [t.name for t in self.tasks])
         self._steps = TrainStep(
             model=self.model, tasks=self.tasks, weighting=self.weighting,
             strategy=self.strategy, options=self.options,
             optimizer_groups=self.optimizer_groups, variables=self.variables,
-            shared_variables=shared_variables(self.model, [t.name for t in self.tasks]),
+            shared_variables=shared,
+            scope_variables=self._scope_variables(shared),
             group_methods=self.group_methods, group_of=self._group_key,
             train_metrics=self.train_metrics, eval_metrics=self.eval_metrics,
             eval_losses=self.eval_losses, step=self.step, skipped_steps=self.skipped_steps,
@@ -493,6 +523,11 @@ class Trainer:
             "gradient_mode": self.options.gradient_mode,
             "granularity": self.options.granularity,
             "clip_norm": self.options.clip_norm,
+            "jacobian_scope": (None if self.options.jacobian_scope is None else
+                               list(self.options.jacobian_scope[:1])
+                               + [list(self.options.jacobian_scope[1])
+                                  if isinstance(self.options.jacobian_scope[1], tuple)
+                                  else self.options.jacobian_scope[1]]),
             "fine_tuning": dataclasses.asdict(self.options.fine_tuning),
         }
 

@@ -63,12 +63,13 @@ def _shared_by_gradients(model, tasks, batch):
 
 def reference_updates(model, tasks, method, optimizer, update_batches, *, mode="exact",
                       frozen_backbone=False, skip=(), group_methods=None, clip_norm=None,
-                      clipped=None):
+                      clipped=None, scope_top=None):
     """Applies one update per whole update batch, except those whose index is in `skip` (the
     update changes nothing: neither the weights nor the method's state). `tasks` are
     (name, loss kind, Task.weight) triples. `clip_norm`: the model's gradient is scaled to at
     most that global norm (the method's own variables are not); `clipped`, a list, gets
-    whether each update was clipped."""
+    whether each update was clipped. `scope_top`: partial Jacobian, the method's weights from
+    the Gramian of the task gradients of the last N shared layers only."""
     names = [name for name, _, _ in tasks]
     fixed = tf.constant([w for _, _, w in tasks], tf.float32)
     soft = getattr(model, "backbone", None) is None  # a soft-sharing architecture
@@ -109,7 +110,17 @@ def reference_updates(model, tasks, method, optimizer, update_batches, *, mode="
             reg_shared = [g if g is not None else tf.zeros_like(v) for g, v in zip(
                 tape.gradient(reg, backbone_vars), backbone_vars)]
             context = mtl.weighting.StepContext(global_losses=tf.stop_gradient(losses))
-            if mode == "exact" and group_methods:
+            if mode == "exact" and scope_top:
+                layers = list(dict.fromkeys(v.path.rsplit("/", 1)[0] for v in backbone_vars))
+                scope = [v for v in backbone_vars
+                         if v.path.rsplit("/", 1)[0] in layers[-scope_top:]]
+                jacobian = np.stack([np.concatenate([tape.gradient(row, v).numpy().ravel()
+                                                     for v in scope]) for row in rows])
+                gram = jacobian.astype(np.float64) @ jacobian.T.astype(np.float64)
+                w = method.weights_from_gramian(tf.constant(gram), context)
+                shared = tape.gradient(rows, backbone_vars,
+                                       output_gradients=[w[i] for i in range(len(rows))])
+            elif mode == "exact" and group_methods:
                 # Each layer's variables combined on their own, by that layer's method.
                 shared = [None] * len(backbone_vars)
                 for layer, layer_method in group_methods.items():

@@ -68,6 +68,10 @@ def _cases_one():
         {"method": "famo", "k": 2, "arch": "mmoe", "clip": True},
         # The Jacobian a chunk of tasks at a time.
         {"method": "upgrad", "k": 2, "reg": True, "chunk": 1},
+        # Partial Jacobian: the weights from the last shared layer's task gradients.
+        {"method": "mgda", "k": 2, "reg": True, "scope": 1},
+        {"method": "nash_mtl", "k": 1, "optimizer": "adam", "scope": 1},
+        {"method": "upgrad", "k": 2, "scope": 1, "arch": "mmoe"},
     ]
     return cases
 
@@ -75,7 +79,7 @@ def _cases_one():
 def _cases_mirrored():
     cases = [{"method": method, "k": 2, "reg": True} for method in METHODS]
     cases += [{"method": method, "k": 1, "arch": "mmoe"} for method in METHODS]
-    cases += [{"method": method, "k": 2, "arch": "cross_stitch"} for method in METHODS]
+    cases += [{"method": method, "k": 1, "arch": "cross_stitch"} for method in METHODS]
     cases += [{"method": method, "mode": "rep", "k": 2, "reg": True} for method in REP_METHODS]
     cases += [
         {"method": "equal", "k": 1, "optimizer": "adam"},
@@ -89,6 +93,8 @@ def _cases_mirrored():
         {"method": "pcgrad", "k": 1, "clip": True},
         {"method": "mgda", "mode": "rep", "k": 2, "clip": True},
         {"method": "nash_mtl", "k": 2, "arch": "cross_stitch", "chunk": 2},
+        {"method": "cagrad", "k": 2, "reg": True, "scope": 1},
+        {"method": "imtl", "k": 1, "scope": 1},
     ]
     return cases
 
@@ -117,7 +123,7 @@ def _name(r):
     return (f"{r['method']}/{r['mode']} K={r['k']} R={r['replicas']} reg={r['reg']} "
             f"frozen={r['frozen']} dropout={r['dropout']} {r['optimizer']} "
             f"granularity={r['granularity']} clip={r['clip']} arch={r['arch']} "
-            f"chunk={r['chunk']}")
+            f"chunk={r['chunk']} scope={r['scope']}")
 
 
 def test_every_case_ran(results):

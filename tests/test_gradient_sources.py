@@ -161,3 +161,50 @@ def test_jacobian_chunks_give_the_same_update_as_one_batched_jacobian():
         for got, want in zip(results[chunk], results[None]):
             np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
     assert any(not np.allclose(w, 0) for w in results[1])
+
+
+def _scope_run(scope, weighting="mgda"):
+    rng = np.random.RandomState(2)
+    x = rng.randn(32, 6).astype(np.float32)
+    y = {"a": x[:, 0], "b": x[:, 1] - x[:, 2], "c": -x[:, 3]}
+    keras.utils.set_random_seed(0)
+    backbone = mtl.backbones.mlp((6,), widths=(8, 4))
+    model = mtl.MultiTaskModel(backbone, {t: mtl.heads.regression(1) for t in "abc"})
+    trainer = mtl.Trainer(model, [mtl.Task(t, loss="mse") for t in "abc"],
+                          optimizer=keras.optimizers.SGD(0.1), weighting=weighting,
+                          jacobian_scope=scope)
+    trainer.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(16).repeat(), steps=3)
+    return trainer, [v.numpy() for v in model.weights]
+
+
+def test_a_jacobian_scope_of_every_shared_layer_is_exact_mode_and_a_smaller_one_is_not():
+    """Partial Jacobian descent: with the scope = every shared layer it is exact mode (the same
+    Gramian, the same weighted gradient); with the last layer only it is another update."""
+    _, exact = _scope_run(None)
+    trainer, whole = _scope_run("top:2")
+    assert [v.path for v in trainer._steps.source.scope] == [
+        "dense_0/kernel", "dense_0/bias", "dense_1/kernel", "dense_1/bias"]
+    for got, want in zip(whole, exact):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    trainer, top = _scope_run("dense_1")
+    assert [v.path for v in trainer._steps.source.scope] == ["dense_1/kernel", "dense_1/bias"]
+    assert max(float(np.abs(a - b).max()) for a, b in zip(top, exact)) > 1e-3
+    assert trainer.record()["jacobian_scope"] == ["layers", ["dense_1"]]
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"jacobian_scope": "top:0"}, r"jacobian_scope='top:0': expected 'top:N'"),
+    ({"jacobian_scope": "top:1", "gradient_mode": "rep"},
+     r"it needs gradient_mode='exact' and granularity='all'"),
+    ({"jacobian_scope": "conv_9"}, r"jacobian_scope names layer 'conv_9', which has no variable "
+                                   r"shared by several tasks; the shared layers are \['dense_0'"),
+    ({"jacobian_scope": "top:1", "weighting": "graddrop"},
+     r"jacobian_scope applies to methods whose weights come from the Gramian .*'graddrop' is "
+     r"not one"),
+])
+def test_bad_jacobian_scopes_are_refused_before_training(settings, message):
+    settings = {"weighting": "mgda", **settings}
+    backbone = mtl.backbones.mlp((6,), widths=(8, 4))
+    model = mtl.MultiTaskModel(backbone, {t: mtl.heads.regression(1) for t in "ab"})
+    with pytest.raises(mtl.UsageError, match=message):
+        mtl.Trainer(model, [mtl.Task(t, loss="mse") for t in "ab"], optimizer="sgd", **settings)

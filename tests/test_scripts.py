@@ -48,7 +48,7 @@ def test_benchmark_flag_errors_exit_2_before_anything_is_built(tmp_path):
     assert run.returncode == 2
     assert _last_line(run.stderr).startswith(
         "error: flag --variants=['mtl', 'weighting/mgda/exact/K=3']: unknown value "
-        "'weighting/mgda/exact/K=3'; expected 'step_cost', or some of ['mtl', ")
+        "'weighting/mgda/exact/K=3'; expected 'step_cost', 'architectures', or some of ['mtl', ")
     assert not out.exists()
 
 

@@ -15,7 +15,7 @@ import tensorflow as tf
 import mtl
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-STEPS = 50
+STEPS = 20
 
 
 @pytest.fixture(scope="module")
