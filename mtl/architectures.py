@@ -376,16 +376,8 @@ def mmoe(input_shape, heads: Mapping[str, keras.layers.Layer], *, backbone: str 
     heads = _check_heads(heads, layers=True)
     config = _backbone_config(spec, backbone, backbone_config)
     check_int("mmoe: num_experts", num_experts, 1)
-    names = _Names(spec, heads)
-    experts = [_backbone_copy(backbone, input_shape, config, names.take(f"expert_{e}"))
-               for e in range(num_experts)]
-    inputs = _input_like(experts[0])
-    outputs = [expert(inputs) for expert in experts]
-    features = {}
-    for task in heads:
-        gate = SoftmaxGate(num_experts, name=names.take(f"gate_{task}"))(inputs)
-        features[task] = ExpertMixture(name=names.take(f"mix_{task}"))([gate, *outputs])
-    return _assemble(spec, inputs, features, heads)
+    return _one_gate_per_task(spec, heads, backbone, config, input_shape, num_experts,
+                              lambda name: SoftmaxGate(num_experts, name=name))
 
 
 def cgc(input_shape, heads: Mapping[str, keras.layers.Layer], *, backbone: str = "small_cnn",
@@ -478,17 +470,9 @@ def dselect_k(input_shape, heads: Mapping[str, keras.layers.Layer], *,
                          f"num_experts = {num_experts}; got k={k}.")
     _check_number("dselect_k: gamma", gamma, minimum=0.0, inclusive=False)
     _check_number("dselect_k: entropy_weight", entropy_weight, minimum=0.0, inclusive=True)
-    names = _Names(spec, heads)
-    experts = [_backbone_copy(backbone, input_shape, config, names.take(f"expert_{e}"))
-               for e in range(num_experts)]
-    inputs = _input_like(experts[0])
-    outputs = [expert(inputs) for expert in experts]
-    features = {}
-    for task in heads:
-        gate = DSelectKGate(num_experts, k, gamma, entropy_weight,
-                            name=names.take(f"gate_{task}"))(inputs)
-        features[task] = ExpertMixture(name=names.take(f"mix_{task}"))([gate, *outputs])
-    return _assemble(spec, inputs, features, heads)
+    return _one_gate_per_task(
+        spec, heads, backbone, config, input_shape, num_experts,
+        lambda name: DSelectKGate(num_experts, k, gamma, entropy_weight, name=name))
 
 
 def cross_stitch(input_shape, heads: Mapping[str, keras.layers.Layer], *,
@@ -791,6 +775,22 @@ def _assemble(spec: ArchitectureSpec, inputs, features: Mapping, heads: Mapping
               ) -> MultiTaskModel:
     outputs = {task: heads[task](features[task]) for task in heads}
     return MultiTaskModel.from_outputs(inputs, outputs, name=spec.name, architecture=spec)
+
+
+def _one_gate_per_task(spec: ArchitectureSpec, heads: Mapping, backbone: str, config: dict,
+                       input_shape, num_experts: int, make_gate) -> MultiTaskModel:
+    """MMoE's and DSelect-k's shape: `num_experts` backbone copies shared by every task, and
+    per task a gate on the input (`make_gate(name)`) mixing them for its head."""
+    names = _Names(spec, heads)
+    experts = [_backbone_copy(backbone, input_shape, config, names.take(f"expert_{e}"))
+               for e in range(num_experts)]
+    inputs = _input_like(experts[0])
+    outputs = [expert(inputs) for expert in experts]
+    features = {}
+    for task in heads:
+        gate = make_gate(names.take(f"gate_{task}"))(inputs)
+        features[task] = ExpertMixture(name=names.take(f"mix_{task}"))([gate, *outputs])
+    return _assemble(spec, inputs, features, heads)
 
 
 def _level_experts(prefix: str, names: _Names, tasks: list, num_shared: int, num_task: int,
