@@ -89,6 +89,9 @@ def check_run_record(experiment: Experiment, config: Config, model_dir: str) -> 
         raise UsageError(f"{model_dir} holds a run of experiment {recorded.get('experiment')!r}, "
                          f"not {experiment.name!r}; use another --model_dir.")
     recorded = {k: v for k, v in recorded.items() if k != "experiment"}
+    # A setting added after the run was made had its default then (e.g. --architecture=hps).
+    defaults = dataclasses.asdict(Config())
+    recorded = {**{k: v for k, v in defaults.items() if k not in recorded}, **recorded}
     return run_record.check(recorded, config.to_json(), free=Config.FREE_TO_CHANGE,
                             allowed=config.allow_config_change, where=model_dir,
                             option="--allow_config_change")

@@ -282,3 +282,25 @@ def test_inputs_that_name_the_wrong_kind_of_thing_are_usage_errors(tmp_path):
     with pytest.raises(mtl.UsageError, match="is not writable") as refused:
         mtl.Trainer(_model(), _tasks(), optimizer="sgd", model_dir=str(a_file / "run"))
     assert isinstance(refused.value, mtl.CheckpointWriteError)
+
+
+def test_a_run_recorded_before_a_setting_existed_resumes_with_its_default(tmp_path):
+    """config.json of a run made before --architecture (and the other settings added since)
+    existed: those settings had their defaults, so resuming with the defaults is no change, and
+    asking for another value is refused as a change."""
+    import json as json_lib
+
+    from mtl import experiment as experiment_lib
+
+    exp = experiment_lib.Experiment(name="toy", tasks=None, model=None, train_data=None,
+                                    eval_data=None)
+    config = config_lib.Config(model_dir=str(tmp_path))
+    old = {"experiment": "toy", **config.to_json()}
+    for field in ("architecture", "architecture_options", "clip_norm", "jacobian_scope",
+                  "jacobian_chunk_size"):
+        del old[field]
+    (tmp_path / "config.json").write_text(json_lib.dumps(old))
+    assert experiment_lib.check_run_record(exp, config, str(tmp_path)) == {}
+    other = config_lib.Config(model_dir=str(tmp_path), architecture="mmoe")
+    with pytest.raises(mtl.UsageError, match=r'architecture: "hps" in the run, "mmoe" now'):
+        experiment_lib.check_run_record(exp, other, str(tmp_path))
