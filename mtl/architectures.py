@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import math
 import numbers
 import re
@@ -361,6 +362,31 @@ def hps(input_shape, heads: Mapping[str, keras.layers.Layer], *, backbone: str =
     return MultiTaskModel(backbones.get(backbone, input_shape, **config), heads)
 
 
+def _records_its_call(builder):
+    """Keeps, on the model a soft-sharing builder returns, its call (every option, defaults
+    included) and the heads: what `mtl.runs` records to rebuild the very same graph, however
+    the builder was called (directly or through `build`)."""
+    signature = inspect.signature(builder)
+
+    @functools.wraps(builder)
+    def build_and_record(input_shape, heads, **kwargs):
+        model = builder(input_shape, heads, **kwargs)
+        bound = signature.bind(input_shape, heads, **kwargs)
+        bound.apply_defaults()
+        args = dict(bound.arguments)
+        model._mtl.build_args = {
+            "architecture": model.architecture.name,
+            "input_shape": [int(d) for d in args.pop("input_shape")],
+            "backbone": args.pop("backbone"),
+            "backbone_config": dict(args.pop("backbone_config") or {}),
+            "options": {k: v for k, v in args.items() if k != "heads"}}
+        model._mtl.head_layers = dict(heads)
+        return model
+
+    return build_and_record
+
+
+@_records_its_call
 def mmoe(input_shape, heads: Mapping[str, keras.layers.Layer], *, backbone: str = "small_cnn",
          backbone_config: dict | None = None, num_experts: int = 4) -> MultiTaskModel:
     """Multi-gate Mixture-of-Experts (Ma et al., KDD 2018).
@@ -380,6 +406,7 @@ def mmoe(input_shape, heads: Mapping[str, keras.layers.Layer], *, backbone: str 
                               lambda name: SoftmaxGate(num_experts, name=name))
 
 
+@_records_its_call
 def cgc(input_shape, heads: Mapping[str, keras.layers.Layer], *, backbone: str = "small_cnn",
         backbone_config: dict | None = None, num_shared_experts: int = 1,
         num_task_experts: int = 1) -> MultiTaskModel:
@@ -405,6 +432,7 @@ def cgc(input_shape, heads: Mapping[str, keras.layers.Layer], *, backbone: str =
     return _assemble(spec, inputs, features, heads)
 
 
+@_records_its_call
 def ple(input_shape, heads: Mapping[str, keras.layers.Layer], *, backbone: str = "small_cnn",
         backbone_config: dict | None = None, num_levels: int = 2, num_shared_experts: int = 1,
         num_task_experts: int = 1, expert_units: int = 128) -> MultiTaskModel:
@@ -447,6 +475,7 @@ def ple(input_shape, heads: Mapping[str, keras.layers.Layer], *, backbone: str =
     return _assemble(spec, inputs, task_inputs, heads)
 
 
+@_records_its_call
 def dselect_k(input_shape, heads: Mapping[str, keras.layers.Layer], *,
               backbone: str = "small_cnn", backbone_config: dict | None = None,
               num_experts: int = 4, k: int = 2, gamma: float = 1.0,
@@ -475,6 +504,7 @@ def dselect_k(input_shape, heads: Mapping[str, keras.layers.Layer], *,
         lambda name: DSelectKGate(num_experts, k, gamma, entropy_weight, name=name))
 
 
+@_records_its_call
 def cross_stitch(input_shape, heads: Mapping[str, keras.layers.Layer], *,
                  backbone: str = "small_cnn", backbone_config: dict | None = None,
                  alpha_same: float = 0.9) -> MultiTaskModel:
@@ -518,6 +548,7 @@ def cross_stitch(input_shape, heads: Mapping[str, keras.layers.Layer], *,
     return _assemble(spec, inputs, features, heads)
 
 
+@_records_its_call
 def mtan(input_shape, heads: Mapping[str, keras.layers.Layer], *, backbone: str = "small_cnn",
          backbone_config: dict | None = None, batch_norm: bool = False) -> MultiTaskModel:
     """Multi-Task Attention Network (Liu, Johns & Davison, CVPR 2019).
@@ -662,16 +693,8 @@ def build(name: str, input_shape, heads: Mapping[str, keras.layers.Layer], *,
     if unknown:
         raise UsageError(f"Architecture {name!r} takes no option {unknown[0]!r}; its options "
                          f"are {list(spec.option_names)}.")
-    model = spec.builder(input_shape, heads, backbone=backbone, backbone_config=backbone_config,
-                         **options)
-    if model.architecture is not None:
-        # What `mtl.runs` records to rebuild the very same graph (variable paths included).
-        model._mtl.build_args = {
-            "architecture": name, "input_shape": [int(d) for d in input_shape],
-            "backbone": backbone, "backbone_config": dict(backbone_config or {}),
-            "options": dict(options)}
-        model._mtl.head_layers = dict(heads)
-    return model
+    return spec.builder(input_shape, heads, backbone=backbone, backbone_config=backbone_config,
+                        **options)
 
 
 def gate_model(model: keras.Model) -> keras.Model:

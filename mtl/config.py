@@ -155,7 +155,7 @@ class TrainerOptions:
         object.__setattr__(self, "jacobian_scope", parse_jacobian_scope(self.jacobian_scope))
         if self.jacobian_scope is not None and (self.gradient_mode != "exact"
                                                 or self.granularity != "all"):
-            raise UsageError(f"jacobian_scope={_scope_text(self.jacobian_scope)!r} chooses the "
+            raise UsageError(f"jacobian_scope={scope_text(self.jacobian_scope)!r} chooses the "
                              "shared variables whose Gramian the method sees; it needs "
                              "gradient_mode='exact' and granularity='all' (got "
                              f"{self.gradient_mode!r} and {self.granularity!r}).")
@@ -212,7 +212,10 @@ def parse_jacobian_scope(value):
     return ("layers", names)
 
 
-def _scope_text(scope) -> str:
+def scope_text(scope) -> str | None:
+    """A parsed `jacobian_scope` as written: "top:N" or "layer,layer" (None: no scope)."""
+    if scope is None:
+        return None
     return f"top:{scope[1]}" if scope[0] == "top" else ",".join(scope[1])
 
 

@@ -24,7 +24,7 @@ from absl import logging
 from mtl import actions, checkpoints, preemption, progress, run_record, runs, validation
 from mtl import weighting as weighting_lib
 from mtl.checkpoints import CheckpointReadError, CheckpointWriteError  # noqa: F401 (API)
-from mtl.config import TrainerOptions, UsageError, UsageTypeError
+from mtl.config import TrainerOptions, UsageError, UsageTypeError, scope_text
 from mtl.finetune import layers_to_unfreeze, optimizer_groups, trainable_weights_when_unfrozen
 from mtl.input_state import Data, InputState, distribute
 from mtl.preemption import TrainingStopped  # noqa: F401 (API)
@@ -523,11 +523,7 @@ class Trainer:
             "gradient_mode": self.options.gradient_mode,
             "granularity": self.options.granularity,
             "clip_norm": self.options.clip_norm,
-            "jacobian_scope": (None if self.options.jacobian_scope is None else
-                               list(self.options.jacobian_scope[:1])
-                               + [list(self.options.jacobian_scope[1])
-                                  if isinstance(self.options.jacobian_scope[1], tuple)
-                                  else self.options.jacobian_scope[1]]),
+            "jacobian_scope": scope_text(self.options.jacobian_scope),
             "fine_tuning": dataclasses.asdict(self.options.fine_tuning),
         }
 

@@ -179,3 +179,22 @@ def test_multi_digits_trains_with_each_architecture(name, tmp_path, digits_data_
     record = json.load(open(tmp_path / "model.json"))
     assert record["architecture"]["architecture"] == name
     assert json.load(open(tmp_path / "config.json"))["architecture"] == name
+
+
+def test_an_architecture_built_by_its_own_builder_is_recorded_and_restores(tmp_path):
+    """`mtl.architectures.mmoe(...)` called directly (not through `build`): model.json holds
+    its call with every option, and the rebuilt model takes the checkpoint."""
+    model = architectures.mmoe(IMAGE, _heads(), backbone_config=SMALL, num_experts=2)
+    for i, variable in enumerate(model.variables):
+        variable.assign(np.full(variable.shape, 0.01 * (i + 1), np.float32))
+    runs.record_model(str(tmp_path), model)
+    record = runs.read_model_record(str(tmp_path))
+    assert record["kind"] == "architecture"
+    assert record["architecture"]["options"] == {"num_experts": 2}
+    path = tf.train.Checkpoint(model=model).save(str(tmp_path / "checkpoints" / "ckpt"))
+    rebuilt = runs.rebuild_model(record)
+    tf.train.Checkpoint(model=rebuilt).restore(path).expect_partial() \
+        .assert_existing_objects_matched()
+    x = np.random.default_rng(4).random((2, *IMAGE), dtype=np.float32)
+    for task, output in rebuilt(x).items():
+        np.testing.assert_array_equal(output.numpy(), model(x)[task].numpy())

@@ -189,7 +189,7 @@ def test_a_jacobian_scope_of_every_shared_layer_is_exact_mode_and_a_smaller_one_
     trainer, top = _scope_run("dense_1")
     assert [v.path for v in trainer._steps.source.scope] == ["dense_1/kernel", "dense_1/bias"]
     assert max(float(np.abs(a - b).max()) for a, b in zip(top, exact)) > 1e-3
-    assert trainer.record()["jacobian_scope"] == ["layers", ["dense_1"]]
+    assert trainer.record()["jacobian_scope"] == "dense_1"
 
 
 @pytest.mark.parametrize("settings, message", [
