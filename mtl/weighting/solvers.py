@@ -170,7 +170,6 @@ def nonnegative_qp(gramian: tf.Tensor, linear: tf.Tensor, *, simplex: bool = Fal
     num_tasks = int(g.shape[0])
     rows = tf.shape(c)[0]
     max_iterations = max_iterations or 10 * num_tasks + 50
-    eye = tf.eye(num_tasks, dtype=tf.float64)
     scale = tf.maximum(tf.reduce_max(tf.abs(tf.linalg.diag_part(g))), tf.reduce_max(tf.abs(c)))
     tol = tolerance * tf.maximum(scale, 1e-300)
 
