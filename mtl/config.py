@@ -24,6 +24,7 @@ from typing import Any
 ON_NONFINITE = ("stop", "skip")
 GRADIENT_MODES = ("exact", "rep")
 GRANULARITIES = ("all", "layer", "variable")
+JACOBIAN_DTYPES = ("float32", "bfloat16")
 MIXED_PRECISION = ("none", "float16", "bfloat16")
 
 
@@ -121,9 +122,15 @@ class TrainerOptions:
         by the Gramian of the task gradients: the method's weights come from the Gramian of the
         per-task gradients of a scope of the shared variables only, "top:N" (the last N shared
         layers, in the model's order) or a sequence of layer names; every shared variable then
-        gets sum_t w_t grad(row_t) by one backward pass. None: exact mode (the scope is every
-        shared variable). An approximation of the method, stated as such: the weights see only
-        the scope's conflicts.
+        gets sum_t w_t grad(row_t) by one backward pass. An approximation of the method, stated
+        as such: the weights see only the scope's conflicts. "all": the Gramian path with every
+        shared variable in the scope, the same update as exact mode, with the per-task
+        gradients dropped once their Gramian is formed (before the backward pass). None: exact
+        mode (the direction J^T w from the kept Jacobian).
+      jacobian_dtype: "float32", or "bfloat16" to keep the per-task gradients (the Jacobian
+        of exact mode, the scope's of a partial Jacobian) in half the memory: the Gramian and the
+        direction are computed from the rounded rows (an approximation: ~3 significant digits
+        per entry; its effect on the direction is measured in tests/test_gradient_sources.py).
       clip_norm: clip the update's gradient of the model's variables to this global norm
         (None: no clipping), computed on the whole update's gradient (after the sum over
         replicas and micro-batches), so that it clips as on one device. (Keras's `clipnorm`
@@ -149,10 +156,12 @@ class TrainerOptions:
     clip_norm: float | None = None
     jacobian_chunk_size: int | None = None
     jacobian_scope: Any = None
+    jacobian_dtype: str = "float32"
     allow_config_change: tuple[str, ...] = ()
 
     def __post_init__(self):
         object.__setattr__(self, "jacobian_scope", parse_jacobian_scope(self.jacobian_scope))
+        check_choice("jacobian_dtype", self.jacobian_dtype, JACOBIAN_DTYPES)
         if self.jacobian_scope is not None and (self.gradient_mode != "exact"
                                                 or self.granularity != "all"):
             raise UsageError(f"jacobian_scope={scope_text(self.jacobian_scope)!r} chooses the "
@@ -188,12 +197,14 @@ class TrainerOptions:
 
 
 def parse_jacobian_scope(value):
-    """None / "" / "all" -> None; "top:N" -> ("top", N); "a,b" or a sequence of layer names ->
-    ("layers", (a, b)). Anything else: `UsageError` naming the expected forms."""
-    expected = ("expected 'top:N' (N >= 1: the last N shared layers) or layer names "
-                "('conv_1,features' or a list)")
-    if value is None or value == "" or value == "all":
+    """None / "" -> None; "all" -> ("all",); "top:N" -> ("top", N); "a,b" or a sequence of
+    layer names -> ("layers", (a, b)). Anything else: `UsageError` naming the expected forms."""
+    expected = ("expected 'all' (every shared variable), 'top:N' (N >= 1: the last N shared "
+                "layers) or layer names ('conv_1,features' or a list)")
+    if value is None or value == "":
         return None
+    if value == "all" or value == ("all",):
+        return ("all",)
     if isinstance(value, tuple) and len(value) == 2 and value[0] in ("top", "layers"):
         return value
     if isinstance(value, str):
@@ -213,15 +224,18 @@ def parse_jacobian_scope(value):
 
 
 def scope_text(scope) -> str | None:
-    """A parsed `jacobian_scope` as written: "top:N" or "layer,layer" (None: no scope)."""
+    """A parsed `jacobian_scope` as written: "all", "top:N" or "layer,layer" (None: none)."""
     if scope is None:
         return None
+    if scope[0] == "all":
+        return "all"
     return f"top:{scope[1]}" if scope[0] == "top" else ",".join(scope[1])
 
 
 #: What `trainer.json` records (`mtl.run_record`): all of it shapes a run's state or results.
 TRAINER_RECORD = ("tasks", "weighting", "optimizer", "precision", "grad_accum_steps",
-                  "gradient_mode", "granularity", "clip_norm", "jacobian_scope", "fine_tuning")
+                  "gradient_mode", "granularity", "clip_norm", "jacobian_scope", "jacobian_dtype",
+                  "fine_tuning")
 
 
 def _check_names(name: str, given, allowed) -> None:
@@ -322,6 +336,7 @@ class Config:
     clip_norm: float | None = None
     jacobian_chunk_size: int | None = None
     jacobian_scope: str | None = None
+    jacobian_dtype: str = "float32"
     max_to_keep: int = 3
     deterministic: bool = False
     checkpoint_input: bool = True
@@ -347,7 +362,7 @@ class Config:
                       "learning_rate": "optimizer", "mixed_precision": "precision",
                       "grad_accum_steps": "grad_accum_steps", "gradient_mode": "gradient_mode",
                       "granularity": "granularity", "clip_norm": "clip_norm",
-                      "jacobian_scope": "jacobian_scope",
+                      "jacobian_scope": "jacobian_scope", "jacobian_dtype": "jacobian_dtype",
                       "freeze_backbone": "fine_tuning", "unfreeze_at_step": "fine_tuning",
                       "unfreeze_top_layers": "fine_tuning",
                       "backbone_lr_multiplier": "fine_tuning"}
@@ -450,7 +465,7 @@ class Config:
             on_nonfinite=self.on_nonfinite, gradient_mode=self.gradient_mode,
             granularity=self.granularity, clip_norm=self.clip_norm or None,
             jacobian_chunk_size=self.jacobian_chunk_size or None,
-            jacobian_scope=self.jacobian_scope or None,
+            jacobian_scope=self.jacobian_scope or None, jacobian_dtype=self.jacobian_dtype,
             checkpoint_input=self.checkpoint_input,
             diagnostics_every=self.diagnostics_every or None, fine_tuning=self.fine_tuning(),
             allow_config_change=tuple(sorted({self.TRAINER_FIELDS[f]

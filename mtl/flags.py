@@ -13,8 +13,8 @@ from absl import flags
 
 from mtl import distribute, optimizers
 from mtl import weighting as weighting_lib
-from mtl.config import (GRADIENT_MODES, GRANULARITIES, MIXED_PRECISION,  # noqa: F401
-                        ON_NONFINITE, Config, UsageError, parse_options)
+from mtl.config import (GRADIENT_MODES, GRANULARITIES, JACOBIAN_DTYPES,  # noqa: F401
+                        MIXED_PRECISION, ON_NONFINITE, Config, UsageError, parse_options)
 
 
 
@@ -98,7 +98,11 @@ def define_flags(**defaults) -> None:
     f.DEFINE_string("jacobian_scope", values["jacobian_scope"],
                     "Partial Jacobian for Gramian methods: their weights come from the task "
                     "gradients of the last N shared layers ('top:N') or of the layers named "
-                    "('conv_1,features'); unset: all shared variables (exact mode).")
+                    "('conv_1,features'); 'all': every shared variable through the Gramian "
+                    "path (exact mode's update); unset: exact mode.")
+    f.DEFINE_enum("jacobian_dtype", values["jacobian_dtype"], list(JACOBIAN_DTYPES),
+                  "Gradient methods: keep the per-task gradients in float32 or bfloat16 (half "
+                  "the memory, ~3 significant digits).")
     f.DEFINE_integer("max_to_keep", values["max_to_keep"], "Checkpoints kept in model_dir.")
     f.DEFINE_string("init_backbone_from", values["init_backbone_from"],
                     "Start the backbone from another run (its model_dir or a checkpoint) or a "

@@ -131,13 +131,15 @@ class Summed:
     """K > 1: per-replica sums over the micro-batches, in ON_READ variables (each replica adds
     its own gradients; reading in the cross-replica context sums the replicas)."""
 
-    def __init__(self, strategy, shapes: Sequence[Sequence[int]]):
+    def __init__(self, strategy, shapes: Sequence[Sequence[int]], dtypes=None):
         self.strategy = strategy
+        dtypes = dtypes or [tf.float32] * len(shapes)
         with strategy.scope():
             self.variables = [
-                tf.Variable(tf.zeros(shape, tf.float32), trainable=False,
+                tf.Variable(tf.zeros(shape, dtype), trainable=False,
                             synchronization=tf.VariableSynchronization.ON_READ,
-                            aggregation=tf.VariableAggregation.SUM) for shape in shapes]
+                            aggregation=tf.VariableAggregation.SUM)
+                for shape, dtype in zip(shapes, dtypes)]
 
     def reset(self) -> None:
         self.strategy.run(lambda: [v.assign(tf.zeros_like(v)) for v in self.variables])
@@ -145,7 +147,7 @@ class Summed:
     def add(self, per_replica) -> None:
         def add_local(values):
             for variable, value in zip(self.variables, values):
-                variable.assign_add(tf.cast(value, tf.float32))
+                variable.assign_add(tf.cast(value, variable.dtype))
         self.strategy.run(add_local, args=(per_replica,))
 
     def local(self):
@@ -155,8 +157,76 @@ class Summed:
         return self.variables[index].read_value()
 
 
-def accumulator(strategy, shapes, micro_batches: int):
-    return PassThrough(strategy) if micro_batches == 1 else Summed(strategy, shapes)
+def accumulator(strategy, shapes, micro_batches: int, dtypes=None):
+    return PassThrough(strategy) if micro_batches == 1 else Summed(strategy, shapes, dtypes)
+
+
+def task_jacobian(tape, rows, variables, scale, dtype, chunk_size: int) -> tf.Tensor:
+    """The (loss-scaled) rows' gradients w.r.t. `variables`, unscaled, as [T, P] in `dtype`.
+
+    chunk_size >= T: one batched Jacobian (pfor): every task's backward pass vectorised at
+    once, holding T copies of the activation gradients. chunk_size < T: a loop over the tasks
+    with at most `chunk_size` of their backward passes in flight (a `tf.while_loop`, one
+    instance of the backward graph), so the memory is bounded in the chunk, not in T.
+    """
+    num_tasks = int(rows.shape[0])
+    batched = chunk_size >= num_tasks
+    jacobian = tape.jacobian(rows, variables, experimental_use_pfor=batched,
+                             parallel_iterations=None if batched else chunk_size,
+                             unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    return tf.cast(flatten_gradients(jacobian, num_tasks) / scale, dtype)
+
+
+#: The least extra memory the per-task backward passes may take by default (see
+#: `default_chunk_size`): TensorFlow's own runtime takes more than this.
+MIN_CHUNK_BUDGET_BYTES = 256 * 2 ** 20
+
+
+def default_chunk_size(num_tasks: int, activation_bytes: float) -> int:
+    """Tasks whose backward passes run at once when `jacobian_chunk_size` is not set.
+
+    A task's backward pass holds about one forward pass's activations (`activation_bytes`,
+    per replica and micro-batch). The per-task passes may add as much memory as the forward
+    pass itself holds (at least `MIN_CHUNK_BUDGET_BYTES`), so that a run needs about twice
+    `equal`'s memory at any task count: all T tasks batched when that fits, else the largest
+    number of tasks in flight that does (at least 1).
+    """
+    budget = max(activation_bytes, MIN_CHUNK_BUDGET_BYTES)
+    if num_tasks * activation_bytes <= budget:
+        return num_tasks
+    return int(max(1, min(num_tasks - 1, budget // max(activation_bytes, 1))))
+
+
+def _flat_layers(model) -> list:
+    """The layers of a (nested) Functional model in their graph order, sub-models opened."""
+    layers = []
+    for layer in getattr(model, "layers", ()):
+        if isinstance(layer, tf.keras.Model) and getattr(layer, "layers", None):
+            layers.extend(_flat_layers(layer))
+        else:
+            layers.append(layer)
+    return layers
+
+
+def activation_elements(model, from_variables=None) -> int:
+    """Elements of the layer outputs of a (nested) Functional model, per example: of every
+    layer, or (`from_variables`) of the layers from the first one that owns one of them on,
+    which a backward pass to those variables goes through."""
+    wanted = None if from_variables is None else {id(v) for v in from_variables}
+    total = 0
+    for layer in _flat_layers(model):
+        if isinstance(layer, tf.keras.layers.InputLayer):
+            continue  # the inputs: no layer's output, and counted once per nesting
+        if wanted is not None:
+            if not any(id(v) in wanted for v in layer.weights):
+                continue
+            wanted = None  # the backward pass reaches this layer and everything after it
+        for node in getattr(layer, "_inbound_nodes", ()):
+            for tensor in tf.nest.flatten(getattr(node, "outputs", ())):
+                shape = getattr(tensor, "shape", None)
+                if shape is not None and None not in tuple(shape[1:]):
+                    total += int(np.prod(tuple(shape[1:])))
+    return total
 
 
 # ---------------------------------------------------------------------------------- update
@@ -200,6 +270,19 @@ class _Source:
     @property
     def num_tasks(self) -> int:
         return len(self.tasks)
+
+    def _resolve_chunk_size(self, batch) -> int:
+        """`jacobian_chunk_size` as given, or (unset) the default for this model and this
+        replica's micro-batch size, decided when the pass is first traced."""
+        if self.chunk_size is None:
+            examples = tf.nest.flatten(unpack_batch(batch)[0])[0].shape[0] or 64
+            activation_bytes = 4.0 * examples * activation_elements(
+                self.forward.model, getattr(self, "scope", None) or None)
+            self.chunk_size = default_chunk_size(self.num_tasks, activation_bytes)
+            logging.info("Per-task gradients: %d of %d tasks at once (jacobian_chunk_size; "
+                         "%.0f MB of activations per task's backward pass).", self.chunk_size,
+                         self.num_tasks, activation_bytes / 2 ** 20)
+        return self.chunk_size
 
     def _losses_and_reg(self, batch, normalisers):
         """Forward on this replica's micro-batch: (outputs, shared features, task-loss shares
@@ -343,9 +426,13 @@ class WeightedGradients(_Source):
     must see the whole batch; then K backward passes with fixed weights.
     """
 
-    def __init__(self, decision, scope_variables=None, **kwargs):
+    def __init__(self, decision, scope_variables=None, chunk_size: int | None = None,
+                 jacobian_dtype=tf.float32, **kwargs):
         super().__init__(**kwargs)
         self.decision = decision
+        #: The scope's per-task gradients: tasks per batched Jacobian, and the storage dtype.
+        self.chunk_size = None if chunk_size is None else min(chunk_size, self.num_tasks)
+        self.jacobian_dtype = tf.as_dtype(jacobian_dtype)
         # The shared variables are differentiated apart only when their weights differ.
         self.separate_shared = isinstance(decision, (RepDecision, RepMaskDecision))
         self.masked = isinstance(decision, RepMaskDecision)
@@ -358,6 +445,7 @@ class WeightedGradients(_Source):
             self.statistic_shape = [self.num_tasks, size]
         else:
             self.statistic_shape = [self.num_tasks, self.num_tasks]
+        self.statistic_dtype = self.jacobian_dtype if self.scope else tf.float32
         self.gradients = accumulator(self.strategy, [v.shape for v in self.variables[
             :len(self.shared) + len(self.plain)]], self.micro_batches)
 
@@ -373,9 +461,8 @@ class WeightedGradients(_Source):
         GradDrop) their sums over the examples times sign(features), [T, D]."""
         if self.scope:
             # Partial Jacobian: the scope's per-task gradients, [T, P_s] (additive).
-            jacobian = tape.jacobian(scaled_rows, self.scope, experimental_use_pfor=True,
-                                     unconnected_gradients=tf.UnconnectedGradients.ZERO)
-            return flatten_gradients(jacobian, self.num_tasks) / scale
+            return task_jacobian(tape, scaled_rows, self.scope, scale, self.jacobian_dtype,
+                                 self.chunk_size)  # resolved by the pass
         if jacobian is None:
             jacobian = self._rep_jacobian(tape, scaled_rows, shared_features)
         if self.masked:
@@ -414,6 +501,8 @@ class WeightedGradients(_Source):
 
     def _replica_pass(self, batch, normalisers, scale, decision):
         """Forward and backward on this replica's micro-batch. `decision` None: decide here."""
+        if self.scope:
+            self._resolve_chunk_size(batch)
         jacobian = None
         with tf.GradientTape(persistent=self.separate_shared) as tape:
             outputs, shared_features, shares, reg = self._losses_and_reg(batch, normalisers)
@@ -453,10 +542,12 @@ class WeightedGradients(_Source):
     def _replica_prepass(self, batch, normalisers, scale):
         """Forward only (and, in rep mode, the Gramian): this replica's loss shares [T] and
         Gramian [T, T] (zeros when not needed)."""
+        if self.scope:
+            self._resolve_chunk_size(batch)
         with tf.GradientTape(persistent=True) as tape:
             _, shared_features, shares, _ = self._losses_and_reg(batch, normalisers)
             scaled_rows = self.task_weights * shares * scale
-        gramian = tf.zeros(self.statistic_shape)
+        gramian = tf.zeros(self.statistic_shape, self.statistic_dtype)
         if self.decision.needs_gramian:
             gramian = self._gramian(tape, scaled_rows, shared_features, scale)
         del tape
@@ -476,7 +567,7 @@ class WeightedGradients(_Source):
         so the backward passes see exactly what a single pass would."""
         saved = [tf.identity(v) for v in restore_state]
         losses = tf.zeros([self.num_tasks])
-        gramian = tf.zeros(self.statistic_shape)
+        gramian = tf.zeros(self.statistic_shape, self.statistic_dtype)
         for batch in batches:
             shares, local_gramian = self.strategy.run(self._replica_prepass,
                                                       args=(batch, normalisers, scale))
@@ -492,7 +583,7 @@ class WeightedGradients(_Source):
         decision = None  # K = 1: made inside the pass.
         if len(batches) > 1:
             losses = tf.zeros([self.num_tasks])
-            gramian = tf.zeros(self.statistic_shape)
+            gramian = tf.zeros(self.statistic_shape, self.statistic_dtype)
             if self.decision.needs_whole_batch:
                 losses, gramian = self._whole_batch(batches, normalisers, scale, restore_state)
             decision = self.strategy.run(self._replica_decide, args=(losses, gramian))
@@ -517,11 +608,14 @@ class JacobianRows(_Source):
     variables get the gradient of sum_t Task.weight * L_t, the regularisation its own."""
 
     def __init__(self, *, group_methods: dict | None = None, group_of=None,
-                 chunk_size: int | None = None, **kwargs):
+                 chunk_size: int | None = None, jacobian_dtype=tf.float32, **kwargs):
         super().__init__(**kwargs)
         #: Tasks per batched Jacobian: the backward pass holds that many tasks' activation
-        #: gradients at once (memory bounded in the chunk, not in T); None: all at once.
-        self.chunk_size = min(chunk_size or self.num_tasks, self.num_tasks)
+        #: gradients at once (memory bounded in the chunk, not in T); None: the default for
+        #: the model and batch size (`default_chunk_size`), decided when first traced.
+        self.chunk_size = None if chunk_size is None else min(chunk_size, self.num_tasks)
+        #: The Jacobian's storage (float32, or bfloat16 for half the memory).
+        self.jacobian_dtype = tf.as_dtype(jacobian_dtype)
         # Per-group aggregation: the columns of each group of shared variables (a layer, a
         # variable) are combined by that group's own method instance.
         self.groups = None
@@ -537,25 +631,19 @@ class JacobianRows(_Source):
         size = sum(int(np.prod(v.shape)) for v in self.shared)
         shapes = ([[self.num_tasks, size]] + [v.shape for v in self.plain]
                   + [v.shape for v in self.shared])
-        self.parts = accumulator(self.strategy, shapes, self.micro_batches)
+        self.parts = accumulator(self.strategy, shapes, self.micro_batches,
+                                 [self.jacobian_dtype] + [tf.float32] * (len(shapes) - 1))
 
     def _replica_pass(self, batch, normalisers, scale):
+        self._resolve_chunk_size(batch)
         with tf.GradientTape(persistent=True) as tape:
             outputs, _, shares, reg = self._losses_and_reg(batch, normalisers)
             rows = self.task_weights * shares
             scaled_rows = rows * scale
             reg_scaled = 0.0 if reg is None else reg * scale
             plain_target = tf.reduce_sum(scaled_rows) + reg_scaled
-            # The rows in chunks of tasks (sliced on the tape, so that they connect).
-            chunks = [scaled_rows[start:start + self.chunk_size]
-                      for start in range(0, self.num_tasks, self.chunk_size)]
-        # One batched Jacobian (pfor) per chunk of tasks, not T separate backward passes.
-        pieces = []
-        for chunk in chunks:
-            part = tape.jacobian(chunk, self.shared, experimental_use_pfor=True,
-                                 unconnected_gradients=tf.UnconnectedGradients.ZERO)
-            pieces.append(flatten_gradients(part, int(chunk.shape[0])))
-        jacobian = (pieces[0] if len(pieces) == 1 else tf.concat(pieces, axis=0)) / scale
+        jacobian = task_jacobian(tape, scaled_rows, self.shared, scale, self.jacobian_dtype,
+                                 self.chunk_size)
         plain = tape.gradient(plain_target, self.plain)
         if reg is None:
             reg_shared = [None] * len(self.shared)
@@ -573,6 +661,8 @@ class JacobianRows(_Source):
 
     def _aggregate(self, jacobian, context):
         """The method's direction [P]: on the whole Jacobian, or group by group."""
+        if not isinstance(self.method, weighting_lib.GramianWeighting):
+            jacobian = tf.cast(jacobian, tf.float32)  # Gramian methods convert block-wise.
         if self.groups is None:
             return self.method.aggregate(jacobian, context)
         sizes = [int(np.prod(v.shape)) for v in self.shared]
@@ -618,7 +708,8 @@ class JacobianRows(_Source):
 def gradient_source(*, method, gradient_mode: str, forward_for: Callable, tasks, strategy,
                     model_variables, shared_variables, micro_batches: int,
                     group_methods: dict | None = None, group_of=None,
-                    jacobian_chunk_size: int | None = None, scope_variables=None) -> _Source:
+                    jacobian_chunk_size: int | None = None, scope_variables=None,
+                    jacobian_dtype="float32") -> _Source:
     """The one place where the weighting family decides how gradients are computed.
 
     `forward_for(need_features)` builds the `Forward` the source needs.
@@ -638,7 +729,9 @@ def gradient_source(*, method, gradient_mode: str, forward_for: Callable, tasks,
     if scope_variables:
         return WeightedGradients(ScopeDecision(method, task_weights), forward=forward_for(False),
                                  shared_variables=shared_variables,
-                                 scope_variables=scope_variables, **common)
+                                 scope_variables=scope_variables,
+                                 chunk_size=jacobian_chunk_size, jacobian_dtype=jacobian_dtype,
+                                 **common)
     if gradient_mode == "rep":
         decision = (RepMaskDecision if method.rep_form == "masks" else RepDecision)(
             method, task_weights)
@@ -646,4 +739,5 @@ def gradient_source(*, method, gradient_mode: str, forward_for: Callable, tasks,
                                  shared_variables=shared_variables, **common)
     return JacobianRows(forward=forward_for(False), shared_variables=shared_variables,
                         group_methods=group_methods, group_of=group_of,
-                        chunk_size=jacobian_chunk_size, **common)
+                        chunk_size=jacobian_chunk_size, jacobian_dtype=jacobian_dtype,
+                        **common)

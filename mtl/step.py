@@ -148,6 +148,7 @@ class TrainStep:
             shared_variables=self.shared_variables, micro_batches=self.micro_batches,
             group_methods=group_methods, group_of=group_of,
             jacobian_chunk_size=options.jacobian_chunk_size,
+            jacobian_dtype=options.jacobian_dtype,
             scope_variables=None if scope_variables is None else [
                 v for v in scope_variables if id(v) in variable_ids])
         if options.jit_compile:

@@ -206,6 +206,8 @@ class Trainer:
                 f"task gradients; {self.weighting.name!r} is not one. Use one of "
                 f"{gramian_methods}, or leave jacobian_scope unset.")
         layers = list(dict.fromkeys(v.path.rsplit("/", 1)[0] for v in shared))
+        if scope[0] == "all":
+            return list(shared)
         if scope[0] == "top":
             chosen = set(layers[-scope[1]:])
         else:
@@ -524,6 +526,9 @@ class Trainer:
             "granularity": self.options.granularity,
             "clip_norm": self.options.clip_norm,
             "jacobian_scope": scope_text(self.options.jacobian_scope),
+            # float32 (the default) as None: runs recorded before the setting existed match.
+            "jacobian_dtype": (None if self.options.jacobian_dtype == "float32"
+                               else self.options.jacobian_dtype),
             "fine_tuning": dataclasses.asdict(self.options.fine_tuning),
         }
 

@@ -294,14 +294,35 @@ class GramianWeighting(GradientWeighting):
         """
 
     def aggregate(self, jacobian: tf.Tensor, context: StepContext | None = None) -> tf.Tensor:
-        jacobian = tf.cast(jacobian, tf.float32)
         w = self.weights_from_gramian(gramian(jacobian), context)
-        return tf.linalg.matvec(jacobian, w, transpose_a=True)
+        return combine_rows(jacobian, w)
+
+
+#: Entries of a column block of the Jacobian that `gramian` and `combine_rows` convert at once:
+#: a wide Jacobian (a large backbone, many tasks) is never copied whole into another precision.
+BLOCK_ENTRIES = 2 ** 24
+
+
+def _column_blocks(jacobian: tf.Tensor) -> list[tf.Tensor]:
+    tasks, params = jacobian.shape
+    width = max(1, BLOCK_ENTRIES // max(int(tasks or 1), 1))
+    if params is None or params <= width:
+        return [jacobian]
+    sizes = [width] * (params // width) + ([params % width] if params % width else [])
+    return tf.split(jacobian, sizes, axis=1)
 
 
 def gramian(jacobian: tf.Tensor) -> tf.Tensor:
-    """`J J^T` [T, T] in float64: products of float32 entries are exact in float64 and the sums
-    lose ~1e-16 instead of ~1e-7, so inner products of nearly collinear gradients keep their
-    differences. Cost: T^2 P multiply-adds."""
-    jacobian = tf.cast(jacobian, tf.float64)
-    return tf.matmul(jacobian, jacobian, transpose_b=True)
+    """`J J^T` [T, T] in float64: products of float32 (or bfloat16) entries are exact in float64
+    and the sums lose ~1e-16 instead of ~1e-7, so inner products of nearly collinear gradients
+    keep their differences. Cost: T^2 P multiply-adds; converted a column block at a time."""
+    blocks = [tf.cast(b, tf.float64) for b in _column_blocks(jacobian)]
+    return tf.add_n([tf.matmul(b, b, transpose_b=True) for b in blocks])
+
+
+def combine_rows(jacobian: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:
+    """J^T w [P] in float32 (J float32 or bfloat16), converted a column block at a time."""
+    weights = tf.cast(weights, tf.float32)
+    pieces = [tf.linalg.matvec(tf.cast(b, tf.float32), weights, transpose_a=True)
+              for b in _column_blocks(jacobian)]
+    return pieces[0] if len(pieces) == 1 else tf.concat(pieces, axis=0)
