@@ -8,6 +8,10 @@ Runs offline: the dataset is generated from scikit-learn's bundled digits on fir
 
 Expected with the defaults (3,000 steps, batch 64, Adam 1e-3, small_cnn), about 50 s on 2 CPU
 cores: test accuracy 0.97-0.98 on left and right, and a sum MAE of about 1.05 (measured).
+
+Runs evaluate on the test split; `EXPERIMENT.eval_data(config, tasks, split="validation")` gives
+the validation split for choosing models. `make_experiment("overlap")` is the same experiment on
+the overlapping digits (experiments/multi_digits_overlap.py).
 """
 
 import os

@@ -16,12 +16,18 @@ two variants, the builder configs of one TFDS builder:
   pixel-wise maximum. The right digit thus sits 0..8 px (0..4 source pixels, up to half a
   digit) right of and below the left one per axis: the two 16x16 boxes always share at least
   8x8 px, and in practice the strokes cross in almost every example (tests/test_multi_digits.py
-  measures it). After Sabour et al. 2017 ("Dynamic routing between capsules": each MNIST digit
-  shifted up to 4 px in each direction on a 36x36 canvas) as used for multi-task learning by
-  Sener & Koltun 2018 (their MultiMNIST loader: the left digit at the top-left and the right one
-  at the bottom-right of a 36x36 canvas, the overlap by maximum, resized to 28x28) and Pareto
-  MTL (Lin et al. 2019, up to 4 px shifts from the corners). Unlike them, the digits are not
-  resized afterwards (24x24 is already small) and the pair may show the same class.
+  measures it). After MultiMNIST (Sabour et al. 2017, "Dynamic routing between capsules": two
+  MNIST digits of different classes, each shifted up to 4 px in each direction on a 36x36
+  canvas) as used for multi-task learning: Sener & Koltun 2018's loader puts the left digit at
+  the top-left and the right one 6 px lower and further right on a 36x36 canvas, merges them by
+  maximum and resizes to 28x28; the Pareto MTL line of work (Lin et al. 2019; the loader of Ma
+  et al. 2020's Continuous Pareto MTL) shifts each digit at random by up to 4 px from its
+  corner. Here, as in Sener & Koltun's loader, the two digits may show the same class, and
+  nothing is resized (24x24 is already small). With the defaults of
+  experiments/multi_digits_overlap.py (small_cnn, 3,000 steps), a single-task model reaches a
+  test accuracy of 0.93 on `left` and 0.91 on `right` (0.97 and 0.99 side by side), the
+  multi-task model with equal weighting 0.90 on both (one run each; README, "The multi_digits
+  dataset").
 
 Labels (both variants): `left` (0..9), `right` (0..9) and `sum` (left + right, 0..18, for
 regression); `source_ids` are the two source images' indices. Splits: `train` (12,000),
@@ -31,7 +37,7 @@ training-pool images, test examples pairs of test-pool images, so that test neve
 source image with train or validation. Validation draws its own pairs and offsets (its own
 seed) from the training images: it shows handwriting the model has seen in new combinations and
 places, so it reads somewhat higher than test; it is for choosing models, test for reporting.
-Generation is deterministic. Generation draws only from its own seeded `np.random.RandomState`s,
+Generation is deterministic: it draws only from its own seeded `np.random.RandomState`s,
 and preparing the dataset leaves the process's global random state (Python's `random`, NumPy's)
 as it was, so the run that prepares it and a run that only reads it build the same initial
 weights under the same seed.
