@@ -107,6 +107,17 @@ def load_experiment(name: str, experiments_dir: str | None = None):
 
     directory = experiments_dir or EXPERIMENTS_DIR
     path = os.path.join(directory, f"{name}.py")
+    experiment = getattr(experiment_script(name, directory), "EXPERIMENT", None)
+    if not isinstance(experiment, Experiment):
+        raise UsageError(f"{path} defines no EXPERIMENT (an mtl.experiment.Experiment).")
+    return experiment
+
+
+def experiment_script(name: str, experiments_dir: str | None = None):
+    """The module of `<experiments_dir>/<name>.py`, run once per process (an experiment script
+    may build its experiment with another one's code)."""
+    directory = experiments_dir or EXPERIMENTS_DIR
+    path = os.path.join(directory, f"{name}.py")
     if not os.path.exists(path):
         available = sorted(f[:-3] for f in os.listdir(directory) if f.endswith(".py")) \
             if os.path.isdir(directory) else []
@@ -122,10 +133,7 @@ def load_experiment(name: str, experiments_dir: str | None = None):
         except BaseException:
             del sys.modules[module_name]
             raise
-    experiment = getattr(sys.modules[module_name], "EXPERIMENT", None)
-    if not isinstance(experiment, Experiment):
-        raise UsageError(f"{path} defines no EXPERIMENT (an mtl.experiment.Experiment).")
-    return experiment
+    return sys.modules[module_name]
 
 
 def task_names(experiment, config: Config) -> list[str]:

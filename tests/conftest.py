@@ -17,3 +17,12 @@ def digits_data_dir(tmp_path_factory):
     data_dir = str(tmp_path_factory.mktemp("tfds"))
     tfds.builder("multi_digits", data_dir=data_dir).download_and_prepare()
     return data_dir
+
+
+@pytest.fixture(scope="session")
+def overlap_data_dir(digits_data_dir):
+    """`digits_data_dir` with `multi_digits/overlap` prepared too."""
+    import tensorflow_datasets as tfds
+
+    tfds.builder("multi_digits/overlap", data_dir=digits_data_dir).download_and_prepare()
+    return digits_data_dir

@@ -7,10 +7,15 @@ import sys
 
 import pytest
 
-from mtl import experiment, flags
+import numpy as np
+import tensorflow_datasets as tfds
+
+from mtl import experiment, flags, runs
+from mtl.config import UsageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "experiments", "multi_digits.py")
+OVERLAP_SCRIPT = os.path.join(ROOT, "experiments", "multi_digits_overlap.py")
 
 
 def _load_experiment():
@@ -107,8 +112,54 @@ def test_single_task_baseline_in_process(tmp_path, digits_data_dir):
                           tasks=("left",))
     results = experiment.train_and_evaluate(_load_experiment(), config)
     assert set(results) == {"left"}
+    # The overlap variant is another experiment: it does not resume this run.
+    with pytest.raises(UsageError, match=r"holds a run of experiment 'multi_digits', not "
+                                         r"'multi_digits_overlap'; use another --model_dir"):
+        experiment.train_and_evaluate(runs.load_experiment("multi_digits_overlap"), config)
     with pytest.raises(ValueError, match=r"--tasks names 'middle', which this experiment does "
                                          r"not have; its tasks are \['left', 'right', 'sum'\]"):
         experiment.train_and_evaluate(
             _load_experiment(), flags.Config(model_dir=str(tmp_path / "x"), tasks=("middle",),
                                              data_dir=digits_data_dir))
+
+
+def _first_images(ds, n):
+    return np.concatenate([image.numpy() for image, _ in ds])[:n]
+
+
+def test_eval_data_reads_test_by_default_and_validation_on_request(digits_data_dir):
+    config = flags.Config(data_dir=digits_data_dir, eval_batch_size=500)
+    for split in ("test", "validation"):
+        images = tfds.as_numpy(tfds.load("multi_digits", split=split, data_dir=digits_data_dir,
+                                         batch_size=-1))["image"]
+        eval_ds = (_load_experiment().eval_data(config, ["left"]) if split == "test" else
+                   _load_experiment().eval_data(config, ["left"], split="validation"))
+        np.testing.assert_array_equal(_first_images(eval_ds, 2000),
+                                      images.astype(np.float32) / np.float32(255))
+
+
+def test_overlap_script_trains_and_its_run_is_not_resumed_as_side_by_side(tmp_path,
+                                                                          overlap_data_dir):
+    model_dir = tmp_path / "run"
+    args = [f"--model_dir={model_dir}", f"--data_dir={overlap_data_dir}", "--train_steps=4",
+            "--eval_every=4", "--checkpoint_every=4", "--batch_size=16", "--eval_steps=1"]
+    run = subprocess.run([sys.executable, OVERLAP_SCRIPT, *args], env=_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "Results at step 4:" in run.stdout
+    assert json.loads((model_dir / "config.json").read_text())["experiment"] == \
+        "multi_digits_overlap"
+    # Scripts that read the run (export, predict) get its own data: 24x24 overlapping digits.
+    features, labels = runs.eval_batch(str(model_dir), 3)
+    assert features.shape == (3, 24, 24, 1) and set(labels) == {"left", "right", "sum"}
+    test = tfds.as_numpy(tfds.load("multi_digits/overlap", split="test",
+                                   data_dir=overlap_data_dir, batch_size=-1))
+    np.testing.assert_array_equal(features.numpy(),
+                                  test["image"][:3].astype(np.float32) / np.float32(255))
+    with pytest.raises(UsageError, match=r"holds a run of experiment 'multi_digits_overlap', "
+                                         r"not 'multi_digits'; use another --model_dir"):
+        experiment.train_and_evaluate(_load_experiment(), runs.config_from_dict(
+            {**json.loads((model_dir / "config.json").read_text()), "train_steps": 6}))
+    with pytest.raises(UsageError, match=r"no variant 'stacked'; its variants are "
+                                         r"\['side_by_side', 'overlap'\]"):
+        runs.experiment_script("multi_digits").make_experiment("stacked")
