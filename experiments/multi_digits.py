@@ -54,9 +54,18 @@ def eval_data(config, task_names):
                              tasks=task_names, data_dir=config.data_dir)
 
 
+def validation_data(config, task_names):
+    return multi_digits.load("validation", batch_size=config.eval_batch_size, training=False,
+                             tasks=task_names, data_dir=config.data_dir)
+
+
+# Model selection on validation data (scripts/compare.py --select=best_val) needs the dataset's
+# validation split; a version of the dataset without one has no validation data.
+HAS_VALIDATION = "validation" in multi_digits._SPLIT_SIZES
+
 EXPERIMENT = experiment.Experiment(
     name="multi_digits", tasks=build_tasks, model=build_model, train_data=train_data,
-    eval_data=eval_data)
+    eval_data=eval_data, validation_data=validation_data if HAS_VALIDATION else None)
 
 
 def main(argv):
