@@ -271,9 +271,10 @@ def markdown(comparison: dict, *, command: str, train_steps: int, eval_every: in
              f"Methods are compared with `{REFERENCE}` on the same architecture and seeds by a "
              f"paired t-test of Δm (two-sided); a verdict is given only where p < {c['alpha']}. "
              f"The p-values are not corrected for multiple comparisons ({_comparisons(c)} "
-             f"here: at p < {c['alpha']}, about {_comparisons(c) * c['alpha']:.2f} would be "
-             "called significant by chance if no method differed).",
-             f"- Δm metrics: " + "; ".join(f"{t}: {', '.join(m)}"
+             f"here: if no method differed from `{REFERENCE}`, "
+             f"{_comparisons(c) * c['alpha']:.2f} of them would be called significant by "
+             "chance on average).",
+             "- Δm metrics: " + "; ".join(f"{t}: {', '.join(m)}"
                                            for t, m in c["delta_m_metrics"].items()),
              "", "## Δm", "",
              f"| method | architecture | Δm (%) mean ± std | {pct} CI | vs `{REFERENCE}`: "

@@ -13,6 +13,7 @@ is trained.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 from mtl.report import file_safe
@@ -22,12 +23,8 @@ MATPLOTLIB_MISSING = ("matplotlib is not installed: the comparison's plots need 
 
 
 def missing_matplotlib() -> str | None:
-    """None when matplotlib can be imported, else the message to show."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return MATPLOTLIB_MISSING
-    return None
+    """None when matplotlib is installed, else the message to show."""
+    return MATPLOTLIB_MISSING if importlib.util.find_spec("matplotlib") is None else None
 
 
 def _pyplot():

@@ -2,7 +2,7 @@
 t-test. Pure functions of lists of numbers (one value per seed); nothing here reads runs.
 
     summary = summarize([1.2, 0.8, 1.5])            # mean, std (ddof=1), 95% CI of the mean
-    paired = paired_comparison(method, reference)   # seed i of one list pairs with seed i of the other
+    paired = paired_comparison(method, reference)   # a[i], b[i]: the same seed
 
 Definitions (n values x_1..x_n, n >= 2):
     mean  = (1/n) Σ x_i

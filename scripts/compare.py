@@ -113,14 +113,12 @@ def plan(args, protocol: comparison.Protocol, config) -> list[tuple[sweep.Run, o
     return runs
 
 
-def run(argv=None) -> int:
-    """Trains what is missing, then writes the report; user errors raise `mtl.UsageError`."""
-    command = "python scripts/compare.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
-    check_args(args)
-    sweep.experiment_script(args.experiment, args.experiments_dir)
+def protocol_of(args) -> tuple[comparison.Protocol, object]:
+    """The protocol and the experiment (`mtl.experiment.Experiment`), checked against it: its
+    tasks, and validation data for --select=best_val."""
     from mtl import runs as runs_lib
 
+    sweep.experiment_script(args.experiment, args.experiments_dir)
     experiment = runs_lib.load_experiment(args.experiment, args.experiments_dir)
     available = sweep.experiment_tasks(args.experiment, args.experiments_dir)
     tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip()) if args.tasks \
@@ -133,19 +131,25 @@ def run(argv=None) -> int:
                          "data (its Experiment(validation_data=...) is None), and selecting on "
                          "the test data is not done. Use --select=final, or give the "
                          "experiment a validation split.")
-    config = sweep.experiment_config(args.experiment, args.experiments_dir, args.extra)
-    protocol = comparison.Protocol(args.experiment, tasks, args.methods, args.architectures,
-                                   tuple(range(args.seeds)), args.select)
-    runs = plan(args, protocol, config)
+    return comparison.Protocol(args.experiment, tasks, args.methods, args.architectures,
+                               tuple(range(args.seeds)), args.select), experiment
+
+
+def still_to_train(args, runs, validation: bool) -> list[sweep.Run]:
+    """The runs that are not complete in --out (each complete one is named)."""
     todo = []
-    for r, run_config in runs:
-        if sweep.is_complete(run_config.model_dir, args.experiment, run_config,
-                             validation=experiment.validation_data is not None):
-            print(f"skip {r.name}: complete (step {config.train_steps})")
+    for run, config in runs:
+        if sweep.is_complete(config.model_dir, args.experiment, config, validation=validation):
+            print(f"skip {run.name}: complete (step {config.train_steps})")
         else:
-            todo.append(r)
+            todo.append(run)
     print(f"{len(runs)} runs: {len(runs) - len(todo)} complete, {len(todo)} to train.",
           flush=True)
+    return todo
+
+
+def train(args, todo: list[sweep.Run]) -> int:
+    """Trains `todo`, --parallel at a time; 0, or 1 after failures (named), 130 on Ctrl-C."""
     gpus = sweep.visible_gpus() if args.parallel > 1 else []
     try:
         failures = sweep.run_all(todo, parallel=args.parallel, env=sweep.subprocess_env(ROOT),
@@ -155,14 +159,26 @@ def run(argv=None) -> int:
         print("Interrupted: the runs saved checkpoints; the same command continues the sweep.",
               file=sys.stderr)
         return 130
+    for failure in failures:
+        print(f"error: run {failure.name} failed with exit status {failure.status}; its "
+              f"output: {failure.log}", file=sys.stderr)
     if failures:
-        for failure in failures:
-            print(f"error: run {failure.name} failed with exit status {failure.status}; its "
-                  f"output: {failure.log}", file=sys.stderr)
         print("error: no report: rerun the same command to retry the failed runs (complete "
               "runs are skipped).", file=sys.stderr)
         return 1
-    return write_report(args, protocol, config, command)
+    return 0
+
+
+def run(argv=None) -> int:
+    """Trains what is missing, then writes the report; user errors raise `mtl.UsageError`."""
+    command = "python scripts/compare.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    check_args(args)
+    protocol, experiment = protocol_of(args)
+    config = sweep.experiment_config(args.experiment, args.experiments_dir, args.extra)
+    runs = plan(args, protocol, config)
+    status = train(args, still_to_train(args, runs, experiment.validation_data is not None))
+    return status or write_report(args, protocol, config, command)
 
 
 def write_report(args, protocol: comparison.Protocol, config, command: str) -> int:

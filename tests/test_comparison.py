@@ -222,6 +222,24 @@ def test_best_val_is_refused_without_validation_data(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_missing_matplotlib_is_refused_up_front_unless_no_plots(tmp_path, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else find_spec(name, *a))
+    status, _, err = _main(["--experiment=two_tasks", f"--experiments_dir={EXPERIMENTS}",
+                            f"--out={tmp_path / 'out'}"])
+    assert status == 2
+    assert err == ("error: matplotlib is not installed: the comparison's plots need it (pip "
+                   "install matplotlib, or pip install -e '.[report]'); or pass --no_plots.\n")
+    # --no_plots goes past that check, to the next one (the experiment's script).
+    status, _, err = _main(["--experiment=nope", f"--experiments_dir={EXPERIMENTS}",
+                            f"--out={tmp_path / 'out'}", "--no_plots"])
+    assert status == 2 and err.startswith("error: --experiment='nope': no experiment script")
+    assert not (tmp_path / "out").exists()
+
+
 # ------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def sweep_dir(tmp_path_factory):
