@@ -62,7 +62,8 @@ def experiment_config(name: str, experiments_dir: str, extra: Sequence[str]) -> 
     """The `Config` every run gets from `extra` (the flags after `--`) and the experiment's own
     flag defaults, parsed as the experiment script will parse them, so that a flag that does
     not exist or a value that is not allowed is refused before any run starts. The process's
-    flag values are left untouched (a copy is parsed)."""
+    flag values are left untouched (a copy is parsed). Flags are process-wide: in a process
+    that loaded another experiment script first, its defaults stand where they differ."""
     from absl import flags as absl_flags
 
     from mtl import flags, runs
@@ -190,7 +191,12 @@ def run_all(runs: Sequence[Run], *, parallel: int = 1, env: Mapping[str, str] | 
             if active:
                 time.sleep(0.2)
     finally:
-        for run, process, log, _ in active.values():  # Interrupted: let the runs save and stop.
+        # Interrupted (Ctrl-C, an error here): each run still going gets SIGTERM, on which an
+        # experiment saves a checkpoint and stops, so the same command resumes it.
+        for run, process, log, _ in active.values():
+            if process.poll() is None:
+                process.terminate()
+        for run, process, log, _ in active.values():
             try:
                 process.wait(timeout=120)
             except subprocess.TimeoutExpired:

@@ -3,6 +3,7 @@
 import json
 import os
 import sys
+import time
 
 import pytest
 
@@ -79,6 +80,29 @@ def test_failures_are_reported_and_stop_new_runs_unless_keep_going(tmp_path):
     assert (tmp_path / "bad.log").read_text().count("\nbroken\n") == 2
     with pytest.raises(UsageError, match="--parallel must be an int >= 1; got 0"):
         sweep.run_all(runs, parallel=0, log_dir=str(tmp_path))
+
+
+def test_an_interrupted_sweep_stops_its_runs_with_sigterm(tmp_path):
+    # On SIGTERM an experiment saves a checkpoint and stops; this run says it got the signal.
+    code = ("import signal, sys, time\n"
+            "def stop(*_):\n    print('SIGTERM: saving and stopping', flush=True)\n"
+            "    sys.exit(143)\n"
+            "signal.signal(signal.SIGTERM, stop)\nprint('ready', flush=True)\ntime.sleep(60)")
+    log = tmp_path / "long.log"
+
+    def say(text):  # Ctrl-C once the first run is up, as the second one starts.
+        if text.startswith("==> [2/2]"):
+            for _ in range(200):
+                if log.exists() and "\nready\n" in log.read_text():  # not the header
+                    break
+                time.sleep(0.05)
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_all([_printing_run("long", code), _printing_run("next", "pass")],
+                      parallel=2, log_dir=str(tmp_path), say=say)
+    assert log.read_text().endswith("ready\nSIGTERM: saving and stopping\n")
+    assert not (tmp_path / "next.log").exists()
 
 
 def test_a_run_is_complete_only_at_its_steps_with_its_settings(tmp_path):
