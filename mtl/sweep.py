@@ -58,6 +58,15 @@ def experiment_tasks(name: str, experiments_dir: str) -> list[str]:
     return [t.name for t in experiment.tasks(flags.Config())]
 
 
+def chosen_tasks(value: str | None, available: Sequence[str]) -> tuple:
+    """The tasks a --tasks value names (comma-separated; None: every task of `available`)."""
+    tasks = tuple(t.strip() for t in value.split(",") if t.strip()) if value else \
+        tuple(available)
+    if not tasks or [t for t in tasks if t not in available]:
+        raise UsageError(f"--tasks={value!r}: the experiment's tasks are {list(available)}.")
+    return tasks
+
+
 def experiment_config(name: str, experiments_dir: str, extra: Sequence[str]) -> Config:
     """The `Config` every run gets from `extra` (the flags after `--`) and the experiment's own
     flag defaults, parsed as the experiment script will parse them, so that a flag that does

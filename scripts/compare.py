@@ -120,12 +120,8 @@ def protocol_of(args) -> tuple[comparison.Protocol, object]:
 
     sweep.experiment_script(args.experiment, args.experiments_dir)
     experiment = runs_lib.load_experiment(args.experiment, args.experiments_dir)
-    available = sweep.experiment_tasks(args.experiment, args.experiments_dir)
-    tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip()) if args.tasks \
-        else tuple(available)
-    unknown = [t for t in tasks if t not in available]
-    if unknown or not tasks:
-        raise UsageError(f"--tasks={args.tasks!r}: the experiment's tasks are {available}.")
+    tasks = sweep.chosen_tasks(args.tasks, sweep.experiment_tasks(args.experiment,
+                                                                   args.experiments_dir))
     if args.select == "best_val" and experiment.validation_data is None:
         raise UsageError(f"--select=best_val: experiment {args.experiment!r} has no validation "
                          "data (its Experiment(validation_data=...) is None), and selecting on "

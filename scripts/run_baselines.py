@@ -99,11 +99,8 @@ def run(argv=None) -> int:
                          f"{list(architectures_lib.ARCHITECTURES)}.")
     for architecture in architectures:
         report.check_out_dir(os.path.join(args.out, report_name(architecture)))
-    available = experiment_tasks(args.experiment, args.experiments_dir)
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else available
-    unknown = [t for t in tasks if t not in available]
-    if unknown or not tasks:
-        raise UsageError(f"--tasks={args.tasks!r}: the experiment's tasks are {available}.")
+    tasks = list(sweep.chosen_tasks(args.tasks, experiment_tasks(args.experiment,
+                                                                 args.experiments_dir)))
     runs = [sweep.Run(name, tuple(command)) for name, command in plan(
         args.experiment, args.out, tasks, args.extra, args.experiments_dir, architectures)]
     failures = sweep.run_all(runs, env=sweep.subprocess_env(ROOT))
