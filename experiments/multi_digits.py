@@ -64,9 +64,13 @@ def make_experiment(variant: str = "side_by_side") -> experiment.Experiment:
         return multi_digits.load(split, batch_size=config.eval_batch_size, training=False,
                                  tasks=task_names, data_dir=config.data_dir, variant=variant)
 
+    def validation_data(config, task_names):
+        return eval_data(config, task_names, split="validation")
+
     name = "multi_digits" if variant == "side_by_side" else f"multi_digits_{variant}"
     return experiment.Experiment(name=name, tasks=build_tasks, model=build_model,
-                                 train_data=train_data, eval_data=eval_data)
+                                 train_data=train_data, eval_data=eval_data,
+                                 validation_data=validation_data)
 
 
 EXPERIMENT = make_experiment()

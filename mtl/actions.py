@@ -137,12 +137,17 @@ class TrainLog(Action):
 
 
 class Evaluate(Action):
-    """Evaluates every `every` steps and at the end of `fit`."""
+    """Evaluates every `every` steps and at the end of `fit`: the eval data (`history.eval`,
+    TensorBoard eval/) and, when given, the validation data (`history.validation`,
+    TensorBoard validation/). Either may be None."""
 
-    def __init__(self, every: int | None, *, evaluate, data, steps, history, train_log):
+    def __init__(self, every: int | None, *, evaluate, data, steps, history, train_log,
+                 validation=None):
         self.every = every
         self.evaluate = evaluate
-        self.data = data
+        self.splits = [(split, data) for split, data in (("eval", data),
+                                                         ("validation", validation))
+                       if data is not None]
         self.steps = steps
         self.history = history
         self.train_log = train_log
@@ -150,9 +155,10 @@ class Evaluate(Action):
     def after_loop(self, step: int, loop: LoopResult, final: bool) -> None:
         if not self.due(step, final):
             return
-        results = self.evaluate(self.data, steps=self.steps)
-        self.history.eval.append({"step": step, **flatten_results(results)})
-        logging.info("step %d eval: %s", step, format_results(results))
+        for split, data in self.splits:
+            results = self.evaluate(data, steps=self.steps, split=split)
+            getattr(self.history, split).append({"step": step, **flatten_results(results)})
+            logging.info("step %d %s: %s", step, split, format_results(results))
         self.train_log.restart_clock()
 
 

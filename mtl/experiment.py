@@ -32,7 +32,12 @@ class Experiment:
       model: (config, task names) -> a `MultiTaskModel` with one head per task; called under the
         strategy scope.
       train_data: (config, task names) -> endless global batches.
-      eval_data: (config, task names) -> one pass of eval batches.
+      eval_data: (config, task names) -> one pass of eval batches (the test data).
+      validation_data: None (default), or (config, task names) -> one pass of validation
+        batches, held out from training and from the test data. When given, every evaluation
+        (each `eval_every` steps and the final one) also evaluates it: TensorBoard
+        `validation/`, and results.json's "validation" beside its "results". Model selection
+        (scripts/compare.py --select=best_val) reads it, never the test data.
     """
 
     name: str
@@ -40,6 +45,7 @@ class Experiment:
     model: Callable[[Config, Sequence[str]], keras.Model]
     train_data: Callable[[Config, Sequence[str]], tf.data.Dataset]
     eval_data: Callable[[Config, Sequence[str]], tf.data.Dataset]
+    validation_data: Callable[[Config, Sequence[str]], tf.data.Dataset] | None = None
 
 
 def distributed_train_data(experiment: Experiment, config: Config, task_names,
@@ -110,7 +116,11 @@ def select_tasks(available: Sequence[Task], wanted: Sequence[str] | None) -> lis
 
 
 def train_and_evaluate(experiment: Experiment, config: Config) -> dict:
-    """Trains to `config.train_steps`, evaluates, writes results.json; returns the results."""
+    """Trains to `config.train_steps`, evaluates, writes results.json; returns the results.
+
+    results.json: `{"step": N, "results": {task: {metric: value}}}` on the eval (test) data,
+    plus `"validation": {task: {metric: value}}` when the experiment has validation data.
+    """
     # The strategy first: logical CPU devices and collectives must be set before TF starts.
     strategy = distribute.get_strategy(config.strategy, num_gpus=config.num_gpus,
                                        cpu_replicas=config.cpu_replicas, tpu=config.tpu)
@@ -127,6 +137,8 @@ def train_and_evaluate(experiment: Experiment, config: Config) -> dict:
     changes = check_run_record(experiment, config, model_dir)
     train_ds = distributed_train_data(experiment, config, task_names, strategy)
     eval_ds = experiment.eval_data(config, task_names)
+    validation_ds = (None if experiment.validation_data is None
+                     else experiment.validation_data(config, task_names))
     with strategy.scope():
         model = experiment.model(config, task_names)
         if config.init_backbone_from:
@@ -149,11 +161,17 @@ def train_and_evaluate(experiment: Experiment, config: Config) -> dict:
                      "Use a new --model_dir to train again.", model_dir, trainer.global_step,
                      config.train_steps)
     trainer.fit(train_ds, config.train_steps, eval_data=eval_ds, eval_every=config.eval_every,
-                eval_steps=config.eval_steps)
+                eval_steps=config.eval_steps, validation_data=validation_ds)
     results = trainer.evaluate(eval_ds, steps=config.eval_steps)
+    record = {"step": trainer.global_step, "results": results}
+    if validation_ds is not None:
+        record["validation"] = trainer.evaluate(validation_ds, steps=config.eval_steps,
+                                                split="validation")
+        print(format_results_table(record["validation"], step=trainer.global_step,
+                                   title="Validation results"))
     if trainer.is_chief:
         with open(os.path.join(model_dir, "results.json"), "w") as f:
-            json.dump({"step": trainer.global_step, "results": results}, f, indent=2)
+            json.dump(record, f, indent=2)
     print(format_results_table(results, step=trainer.global_step))
     return results
 
@@ -200,7 +218,8 @@ def _exit_with_error(error: Exception, status: int = 2) -> None:
     sys.exit(status)
 
 
-def format_results_table(results: dict, step: int | None = None) -> str:
+def format_results_table(results: dict, step: int | None = None, title: str = "Results"
+                         ) -> str:
     """A plain-text table: one row per task, one column per metric."""
     columns = []
     for values in results.values():
@@ -209,7 +228,7 @@ def format_results_table(results: dict, step: int | None = None) -> str:
                 columns.append(name)
     width = max(8, *(len(t) for t in results))
     header = f"{'task':<{width}}" + "".join(f"{c:>14}" for c in columns)
-    lines = [f"Results{'' if step is None else f' at step {step}'}:", header, "-" * len(header)]
+    lines = [f"{title}{'' if step is None else f' at step {step}'}:", header, "-" * len(header)]
     for task, values in results.items():
         cells = "".join(f"{values[c]:>14.4f}" if c in values else f"{'':>14}" for c in columns)
         lines.append(f"{task:<{width}}{cells}")

@@ -185,17 +185,23 @@ class RunLogs:
     results: dict
     train: dict
     eval: dict
+    # Runs of experiments with validation data (older runs and others: None and {}).
+    validation_results: dict | None = None
+    validation: dict = dataclasses.field(default_factory=dict)
 
 
 def read_run(model_dir: str, label: str) -> RunLogs:
-    """results.json and the train/eval scalars of a run folder."""
+    """results.json and the train/eval (and validation, when the run has them) scalars of a
+    run folder."""
     from mtl import runs
 
     results = runs.read_results(model_dir)
     return RunLogs(label=label, model_dir=model_dir, step=results.get("step"),
                    results=results["results"],
                    train=read_scalars(os.path.join(model_dir, "train")),
-                   eval=read_scalars(os.path.join(model_dir, "eval")))
+                   eval=read_scalars(os.path.join(model_dir, "eval")),
+                   validation_results=results.get("validation"),
+                   validation=read_scalars(os.path.join(model_dir, "validation")))
 
 
 # ------------------------------------------------------------------------------- output
@@ -269,14 +275,15 @@ def plot_curves(mtl_run: RunLogs, stl_runs: Mapping[str, RunLogs], out_dir: str
             axis.grid(alpha=0.3)
             axis.legend(fontsize=8)
         figure.tight_layout()
-        path = os.path.join(out_dir, f"curves_{_file_safe(task)}.png")
+        path = os.path.join(out_dir, f"curves_{file_safe(task)}.png")
         figure.savefig(path, dpi=100)
         plt.close(figure)
         paths.append(path)
     return paths
 
 
-def _file_safe(name: str) -> str:
+def file_safe(name: str) -> str:
+    """`name` as a file name: runs of other characters than letters, digits, `_.-` become `_`."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 

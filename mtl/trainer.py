@@ -37,13 +37,15 @@ class History:
     """What `fit` saw: one record per logging interval and one per evaluation.
 
     Train records: `{"step", "loss", "<task>/loss", "<task>/<metric>", "examples_per_sec"}`;
-    eval records: `{"step", "<task>/loss", "<task>/<metric>"}`; diagnostics records (every
+    eval records: `{"step", "<task>/loss", "<task>/<metric>"}`; validation records (when `fit`
+    is given validation data), the same on the validation data; diagnostics records (every
     `diagnostics_every` steps, when tasks share variables): `{"step", "<task>/weight",
     "<task>/grad_norm", "cosine/<task>__<task>"}`.
     """
 
     train: list = dataclasses.field(default_factory=list)
     eval: list = dataclasses.field(default_factory=list)
+    validation: list = dataclasses.field(default_factory=list)
     diagnostics: list = dataclasses.field(default_factory=list)
 
     def series(self, key: str, split: str = "train") -> list:
@@ -306,9 +308,11 @@ class Trainer:
     # ------------------------------------------------------------------------------- training
     def fit(self, data: Data | dict, steps: int, *, eval_data: Data | None = None,
             eval_every: int | None = None, eval_steps: int | None = None,
-            task_schedule=None) -> History:
+            task_schedule=None, validation_data: Data | None = None) -> History:
         """Trains until the global step reaches `steps` (a resumed run continues from its saved
         step), evaluating every `eval_every` steps and at the end when `eval_data` is given.
+        `validation_data` (for model selection: held out from training and from the test data)
+        is evaluated at the same steps, into `History.validation` and TensorBoard validation/.
 
         `data` yields global batches of (features, labels[, sample_weights]), or is a function
         `(InputContext) -> per-replica batches` (the way to shard input across workers); it should
@@ -322,14 +326,15 @@ class Trainer:
         batch structure, no retracing); the draw depends only on the seed and the step, so a
         resumed run draws what the uninterrupted one would.
         """
-        self._check_fit(data, steps, eval_data, eval_every, task_schedule)
+        self._check_fit(data, steps, eval_data, eval_every, task_schedule, validation_data)
         history = History()
         if self.global_step >= steps:
             logging.info("Already at step %d >= %d: nothing to train.", self.global_step, steps)
             return history
         iterators = self.input.iterators(data, task_schedule, self.global_step)
         bar = progress.progress_bar(total=steps, initial=self.global_step, enabled=self.is_chief)
-        loop_actions = self._actions(history, bar, data, eval_data, eval_every, eval_steps)
+        loop_actions = self._actions(history, bar, data, eval_data, eval_every, eval_steps,
+                                     validation_data)
         with progress.absl_logging_through_tqdm(), bar, preemption.StopSignals() as stop:
             while self.global_step < steps:
                 self._stop_if_signalled(stop)
@@ -347,7 +352,8 @@ class Trainer:
             self._stop_if_signalled(stop)  # A signal during the last call is still reported.
         return history
 
-    def _actions(self, history, bar, data, eval_data, eval_every, eval_steps) -> list:
+    def _actions(self, history, bar, data, eval_data, eval_every, eval_steps,
+                 validation_data=None) -> list:
         """What acts between compiled loops, in order."""
         summaries = self._summaries
         train_log = actions.TrainLog(self.options.log_every, trainer=self, history=history,
@@ -363,10 +369,10 @@ class Trainer:
                 self.options.diagnostics_every, diagnostics=self._steps.diagnostics,
                 batch=next(iter(distribute(self.strategy, first))), tasks=self.tasks,
                 history=history, summaries=summaries))
-        if eval_data is not None:
+        if eval_data is not None or validation_data is not None:
             parts.append(actions.Evaluate(eval_every, evaluate=self.evaluate, data=eval_data,
                                           steps=eval_steps, history=history,
-                                          train_log=train_log))
+                                          train_log=train_log, validation=validation_data))
         parts.append(actions.Save(self.options.checkpoint_every, save=self.save))
         return parts
 
@@ -382,7 +388,8 @@ class Trainer:
             n = int(changes[0])
         return iterators[task_schedule.tasks[int(drawn[0])]], n
 
-    def _check_fit(self, data, steps, eval_data, eval_every, task_schedule) -> None:
+    def _check_fit(self, data, steps, eval_data, eval_every, task_schedule,
+                   validation_data=None) -> None:
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
             raise UsageError(f"steps must be an int >= 0 (the global step to train to); got "
                              f"{steps!r}.")
@@ -404,6 +411,8 @@ class Trainer:
             self._check_data(data, "train data")
         if eval_data is not None:
             self._check_data(eval_data, "eval data")
+        if validation_data is not None:
+            self._check_data(validation_data, "validation data")
 
     def _any_worker(self, flag: bool) -> bool:
         """True when `flag` is set on any worker (multi-worker runs must stop together)."""
@@ -465,15 +474,16 @@ class Trainer:
         self._checked_data.append(data)
 
     # ----------------------------------------------------------------------------- evaluation
-    def evaluate(self, data: Data, steps: int | None = None) -> dict:
+    def evaluate(self, data: Data, steps: int | None = None, *, split: str = "eval") -> dict:
         """Returns `{task: {"loss": ..., metric_name: ...}}` over `data` (or its first `steps`
         batches). A task's loss and metrics count only the examples that carry its label.
-        An empty dataset (or `steps` < 1) is an error, not a result of zeros."""
+        An empty dataset (or `steps` < 1) is an error, not a result of zeros. The results go to
+        TensorBoard under `<model_dir>/<split>/` ("validation" for validation data)."""
         if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool)
                                   or steps < 1):
             raise UsageError(f"evaluate: steps must be None (the whole dataset) or an int >= 1; "
                              f"got {steps!r}.")
-        self._check_data(data, "eval data")
+        self._check_data(data, f"{split} data")
         if steps is None and isinstance(data, tf.data.Dataset) and \
                 data.cardinality() == tf.data.INFINITE_CARDINALITY:
             raise UsageError("evaluate: the eval data repeats forever; pass steps= or give a "
@@ -494,7 +504,7 @@ class Trainer:
             for metric in self.eval_metrics[task.name]:
                 values[metric.name] = float(metric.result())
             results[task.name] = values
-        self._summaries.write("eval", self.global_step, actions.flatten_results(results))
+        self._summaries.write(split, self.global_step, actions.flatten_results(results))
         return results
 
     # -------------------------------------------------------------------------- checkpoints

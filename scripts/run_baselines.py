@@ -26,10 +26,9 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 
-from mtl import cli  # noqa: E402
+from mtl import cli, sweep  # noqa: E402
 from mtl.config import UsageError  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,12 +52,7 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def experiment_tasks(name: str, experiments_dir: str) -> list[str]:
-    """The task names of experiments/<name>.py (with the default config)."""
-    from mtl import flags, runs
-
-    experiment = runs.load_experiment(name, experiments_dir)
-    return [t.name for t in experiment.tasks(flags.Config())]
+experiment_tasks = sweep.experiment_tasks
 
 
 def mtl_run_name(architecture: str) -> str:
@@ -84,21 +78,16 @@ def plan(experiment: str, out: str, tasks: list[str], extra: list[str],
 
 def check_extra(extra: list[str]) -> None:
     """Refuses flags after `--` that would override what run_baselines sets for each run."""
-    for flag in extra:
-        name = "--" + flag.lstrip("-").split("=", 1)[0]  # absl takes -flag and --flag alike.
-        if flag.startswith("-") and name in OWN_FLAGS:
-            raise UsageError(f"{flag!r} after `--`: run_baselines sets {', '.join(OWN_FLAGS)} "
-                             "for each run itself (one run per task, then all of them per "
-                             "architecture); choose the tasks with run_baselines' own --tasks, "
-                             "the folder with --out and the architectures with --architectures.")
+    sweep.check_extra(extra, OWN_FLAGS, "run_baselines",
+                      "(one run per task, then all of them per architecture); choose the tasks "
+                      "with run_baselines' own --tasks, the folder with --out and the "
+                      "architectures with --architectures.")
 
 
 def run(argv=None) -> int:
     """Trains the runs and writes the report; user errors raise `mtl.UsageError`."""
     args = parse_args(argv)
-    script = os.path.join(args.experiments_dir, f"{args.experiment}.py")
-    if not os.path.exists(script):
-        raise UsageError(f"--experiment={args.experiment!r}: no experiment script {script}.")
+    sweep.experiment_script(args.experiment, args.experiments_dir)
     check_extra(args.extra)
     from mtl import architectures as architectures_lib
     from mtl import report
@@ -110,20 +99,15 @@ def run(argv=None) -> int:
                          f"{list(architectures_lib.ARCHITECTURES)}.")
     for architecture in architectures:
         report.check_out_dir(os.path.join(args.out, report_name(architecture)))
-    available = experiment_tasks(args.experiment, args.experiments_dir)
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else available
-    unknown = [t for t in tasks if t not in available]
-    if unknown or not tasks:
-        raise UsageError(f"--tasks={args.tasks!r}: the experiment's tasks are {available}.")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
-    for name, command in plan(args.experiment, args.out, tasks, args.extra,
-                              args.experiments_dir, architectures):
-        print(f"==> {name}: {' '.join(command)}", flush=True)
-        status = subprocess.run(command, env=env).returncode
-        if status != 0:
-            print(f"error: run {name} failed with exit status {status}.", file=sys.stderr)
-            return status
+    tasks = list(sweep.chosen_tasks(args.tasks, experiment_tasks(args.experiment,
+                                                                 args.experiments_dir)))
+    runs = [sweep.Run(name, tuple(command)) for name, command in plan(
+        args.experiment, args.out, tasks, args.extra, args.experiments_dir, architectures)]
+    failures = sweep.run_all(runs, env=sweep.subprocess_env(ROOT))
+    for failure in failures:
+        print(f"error: run {failure.name} failed with exit status {failure.status}.",
+              file=sys.stderr)
+        return failure.status
     summary = []
     for architecture in architectures:
         result = report.write_report(os.path.join(args.out, mtl_run_name(architecture)),

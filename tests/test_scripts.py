@@ -100,7 +100,7 @@ def test_run_baselines_refuses_flags_it_sets_itself_before_training(tmp_path, ca
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("name", ["export", "predict", "report", "run_baselines",
+@pytest.mark.parametrize("name", ["export", "predict", "report", "run_baselines", "compare",
                                   "launch_local_workers"])
 def test_argument_errors_are_reported_as_errors(name, capsys):
     script = _load(name)

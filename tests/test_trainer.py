@@ -115,6 +115,41 @@ def test_history_summaries_and_evaluate(tmp_path):
     assert {"a/accuracy", "b/loss"} <= eval_tags
 
 
+def _event_tables(log_dir):
+    """{step: {tag: value}} of a TensorBoard folder."""
+    tables = {}
+    for path in glob.glob(os.path.join(log_dir, "events*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for v in event.summary.value:
+                tables.setdefault(event.step, {})[v.tag] = float(tf.make_ndarray(v.tensor))
+    return tables
+
+
+def test_validation_data_is_evaluated_with_the_eval_data_and_logged_apart(tmp_path):
+    test_ds = tf.data.Dataset.from_tensor_slices(_arrays(32, seed=1)).batch(16)
+    validation_ds = tf.data.Dataset.from_tensor_slices(_arrays(32, seed=2)).batch(16)
+    trainer = mtl.Trainer(_model(), _tasks(), optimizer=keras.optimizers.Adam(0.01),
+                          model_dir=str(tmp_path), log_every=5)
+    history = trainer.fit(_data(), steps=10, eval_data=test_ds, eval_every=5,
+                          validation_data=validation_ds)
+    assert [r["step"] for r in history.validation] == [5, 10] == [r["step"] for r in history.eval]
+    final_validation = trainer.evaluate(validation_ds, split="validation")
+    final_test = trainer.evaluate(test_ds)
+    assert history.validation[-1]["a/accuracy"] == pytest.approx(final_validation["a"]["accuracy"])
+    assert history.eval[-1]["b/mae"] == pytest.approx(final_test["b"]["mae"])
+    assert final_validation["b"]["mae"] != pytest.approx(final_test["b"]["mae"])
+    # Each split in its own TensorBoard folder: eval/ holds the test values only.
+    validation_logs = _event_tables(tmp_path / "validation")
+    eval_logs = _event_tables(tmp_path / "eval")
+    assert sorted(validation_logs) == sorted(eval_logs) == [5, 10]
+    assert validation_logs[10]["b/mae"] == pytest.approx(final_validation["b"]["mae"])
+    assert eval_logs[10]["b/mae"] == pytest.approx(final_test["b"]["mae"])
+    # Validation data alone evaluates too.
+    alone = mtl.Trainer(_model(), _tasks(), optimizer="sgd")
+    history = alone.fit(_data(), steps=2, eval_every=1, validation_data=validation_ds)
+    assert [r["step"] for r in history.validation] == [1, 2] and history.eval == []
+
+
 def test_evaluate_counts_only_labelled_examples():
     model = _model()
     trainer = mtl.Trainer(model, _tasks(), optimizer="sgd")
