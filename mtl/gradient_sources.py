@@ -180,18 +180,21 @@ def task_jacobian(tape, rows, variables, scale, dtype, chunk_size: int) -> tf.Te
 #: The least extra memory the per-task backward passes may take by default (see
 #: `default_chunk_size`): TensorFlow's own runtime takes more than this.
 MIN_CHUNK_BUDGET_BYTES = 256 * 2 ** 20
+#: The per-task backward passes may hold this many forward passes' activations by default.
+CHUNK_BUDGET_FORWARD_PASSES = 4
 
 
 def default_chunk_size(num_tasks: int, activation_bytes: float) -> int:
     """Tasks whose backward passes run at once when `jacobian_chunk_size` is not set.
 
-    A task's backward pass holds about one forward pass's activations (`activation_bytes`,
-    per replica and micro-batch). The per-task passes may add as much memory as the forward
-    pass itself holds (at least `MIN_CHUNK_BUDGET_BYTES`), so that a run needs about twice
-    `equal`'s memory at any task count: all T tasks batched when that fits, else the largest
-    number of tasks in flight that does (at least 1).
+    `activation_bytes`: one forward pass's activations (per replica and micro-batch), an upper
+    bound on what one task's backward pass holds (measured on the 64x64 resnet: ~0.5 of it per
+    batched task). The per-task passes may hold `CHUNK_BUDGET_FORWARD_PASSES` forward passes'
+    activations (at least `MIN_CHUNK_BUDGET_BYTES`), about as much again as `equal` needs:
+    every task batched (one pfor Jacobian) when that fits, else a loop with the largest number
+    of tasks in flight that does (at least 1).
     """
-    budget = max(activation_bytes, MIN_CHUNK_BUDGET_BYTES)
+    budget = max(CHUNK_BUDGET_FORWARD_PASSES * activation_bytes, MIN_CHUNK_BUDGET_BYTES)
     if num_tasks * activation_bytes <= budget:
         return num_tasks
     return int(max(1, min(num_tasks - 1, budget // max(activation_bytes, 1))))

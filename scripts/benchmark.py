@@ -281,13 +281,14 @@ def bare_variant(strategy, data):
 def sweep_settings(variant: str, num_tasks: int) -> dict:
     """Trainer settings of a --tasks_sweep variant at `num_tasks` tasks."""
     method = {"weighting": FLAGS.sweep_method}
+    if variant.startswith("partial/"):
+        return dict(method, jacobian_scope=variant.split("/", 1)[1],
+                    jacobian_chunk_size=FLAGS.sweep_chunk_size)
     return {"equal": {},
             "exact/unchunked": dict(method, jacobian_chunk_size=num_tasks),
             "exact/chunked": dict(method, jacobian_chunk_size=FLAGS.sweep_chunk_size),
             "exact/gramian": dict(method, jacobian_scope="all"),
-            "rep": dict(method, gradient_mode="rep")}.get(variant) or dict(
-                method, jacobian_scope=variant.split("/", 1)[1],
-                jacobian_chunk_size=FLAGS.sweep_chunk_size)
+            "rep": dict(method, gradient_mode="rep")}[variant]
 
 
 class RssSampler:

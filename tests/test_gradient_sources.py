@@ -168,18 +168,21 @@ def test_jacobian_chunks_give_the_same_update_as_one_batched_jacobian():
     assert any(not np.allclose(w, 0) for w in results[1])
 
 
-def test_the_default_chunk_keeps_the_per_task_passes_within_one_forward_passs_memory():
+def test_the_default_chunk_keeps_the_per_task_passes_within_four_forward_passes():
     mb = 2 ** 20
     assert gradient_sources.MIN_CHUNK_BUDGET_BYTES == 256 * mb
-    # Small activations: every task batched.
+    assert gradient_sources.CHUNK_BUDGET_FORWARD_PASSES == 4
+    # Small activations: every task batched, up to the 256 MiB floor.
     assert gradient_sources.default_chunk_size(3, 10 * mb) == 3
     assert gradient_sources.default_chunk_size(40, 6 * mb) == 40
-    # The 256 MiB floor: 40 tasks of 20 MB -> 12 at once.
+    # 40 tasks of 20 MB: 800 MB > 256 MiB -> 12 at once.
     assert gradient_sources.default_chunk_size(40, 20 * mb) == 12
-    # Above the floor the budget is the activations themselves: one task at a time.
-    assert gradient_sources.default_chunk_size(40, 235 * mb) == 1
-    assert gradient_sources.default_chunk_size(3, 100 * mb) == 2
-    assert gradient_sources.default_chunk_size(2, 1000 * mb) == 1
+    # Above the floor, four forward passes' worth: the 64x64 resnet's 232 MB at batch 32.
+    assert gradient_sources.default_chunk_size(3, 232 * mb) == 3
+    assert gradient_sources.default_chunk_size(4, 232 * mb) == 4
+    assert gradient_sources.default_chunk_size(5, 232 * mb) == 4
+    assert gradient_sources.default_chunk_size(40, 232 * mb) == 4
+    assert gradient_sources.default_chunk_size(40, 1000 * mb) == 4
 
 
 def test_activation_elements_count_every_layer_output_or_those_a_scope_reaches():
