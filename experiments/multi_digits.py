@@ -44,9 +44,10 @@ def build_model(config, task_names):
                               {name: all_heads[name]() for name in task_names})
 
 
-def train_data(config, task_names):
+def train_data(config, task_names, input_context=None):
     return multi_digits.load("train", batch_size=config.batch_size, training=True,
-                             tasks=task_names, data_dir=config.data_dir, seed=config.seed)
+                             tasks=task_names, data_dir=config.data_dir, seed=config.seed,
+                             input_context=input_context)
 
 
 def eval_data(config, task_names):

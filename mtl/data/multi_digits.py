@@ -99,10 +99,13 @@ def to_example(features: dict, tasks=TASKS):
 
 
 def load(split: str, *, batch_size: int, training: bool, tasks=TASKS, data_dir=None,
-         seed: int | None = None) -> tf.data.Dataset:
+         seed: int | None = None,
+         input_context: tf.distribute.InputContext | None = None) -> tf.data.Dataset:
     """Batches of (image, {task: label}) for the given tasks.
 
     training=True: endless, shuffled with `seed`, fixed-size batches; False: one pass.
+    `input_context` (several input pipelines): only this pipeline's part of the split is read
+    (`pipeline.input_part`).
     """
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
@@ -110,9 +113,11 @@ def load(split: str, *, batch_size: int, training: bool, tasks=TASKS, data_dir=N
     if split not in _SPLIT_SIZES:
         raise UsageError(f"multi_digits has no split {split!r}; its splits are "
                          f"{sorted(_SPLIT_SIZES)}.")
-    # The whole split (a few MB) is read into memory once, in its file order: the same stream a
+    # The whole split (a few MB; or this pipeline's part) is read into memory once, in its file
+    # order: the same stream a
     # cached pipeline gives, without the cache's warning when a short run stops mid-epoch.
-    features = tfds.as_numpy(tfds.load("multi_digits", split=split, data_dir=data_dir,
+    part = pipeline.input_part(split, input_context)
+    features = tfds.as_numpy(tfds.load("multi_digits", split=part, data_dir=data_dir,
                                        shuffle_files=False, batch_size=-1))
     ds = tf.data.Dataset.from_tensor_slices(features)
     ds = ds.map(lambda f: to_example(f, tuple(tasks)), num_parallel_calls=tf.data.AUTOTUNE)
