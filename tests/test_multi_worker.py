@@ -24,7 +24,7 @@ ROOT = os.path.dirname(HERE)
 WORKER = os.path.join(HERE, "workers", "multi_worker_train.py")
 LAUNCHER = os.path.join(ROOT, "scripts", "launch_local_workers.py")
 STEPS = 10
-README_STEPS, README_EVAL_EVERY = 20, 10
+README_STEPS, README_EVAL_EVERY = 10, 5
 
 sys.path.insert(0, os.path.dirname(WORKER))
 import multi_worker_train as worker  # noqa: E402
@@ -44,6 +44,16 @@ def _env(digits_data_dir):
     return env
 
 
+def _failure(run) -> str:
+    """The end of each worker's output (the first failure is often not the last lines)."""
+    lines = run.stdout.splitlines()
+    parts = [f"exit status {run.returncode}; stderr: {run.stderr[-1000:]}"]
+    for i in (0, 1):
+        own = [line for line in lines if line.startswith(f"[worker {i}]")]
+        parts.append("\n".join(own)[-2500:])
+    return "\n".join(parts)
+
+
 def _reports(stdout) -> dict:
     """{worker index: its JSON report} from the launcher's prefixed output."""
     reports = [json.loads(line.split("] ", 1)[1]) for line in stdout.splitlines()
@@ -59,7 +69,7 @@ def runs(tmp_path_factory, digits_data_dir):
     multi = subprocess.run(["timeout", "-k", "10", "300", sys.executable, LAUNCHER,
                             "--num_workers=2", "--timeout=280", "--", sys.executable, WORKER,
                             str(out), str(STEPS)], capture_output=True, text=True, env=env)
-    assert multi.returncode == 0, multi.stdout[-4000:] + multi.stderr[-2000:]
+    assert multi.returncode == 0, _failure(multi)
     single = subprocess.run([sys.executable, WORKER, str(out), str(STEPS)], capture_output=True,
                             text=True, env=env, timeout=200)
     assert single.returncode == 0, single.stderr[-3000:]
@@ -203,6 +213,36 @@ def test_on_one_input_pipeline_shard_is_exact(digits_data_dir):
     assert streams[0] == streams[1] and len(streams[0][0]) == 4
 
 
+def test_a_tfds_split_is_cut_into_disjoint_parts_before_decoding(digits_data_dir):
+    """`pipeline.load_tfds` with an input context (what the TFDS experiments read through)."""
+    from mtl.data import pipeline
+
+    parts = []
+    for i in (0, 1):
+        ds = pipeline.load_tfds("multi_digits", "test[:11]", data_dir=digits_data_dir,
+                                input_context=tf.distribute.InputContext(2, i, 2))
+        examples = next(iter(ds.batch(100)))
+        parts.append(worker.fingerprints(examples["image"], examples["source_ids"]).numpy())
+    whole = next(iter(pipeline.load_tfds("multi_digits", "test[:11]",
+                                         data_dir=digits_data_dir).batch(100)))
+    assert [len(p) for p in parts] == [6, 5]
+    np.testing.assert_array_equal(np.concatenate(parts),
+                                  worker.fingerprints(whole["image"], whole["source_ids"]))
+
+
+def test_the_input_benchmark_times_one_epoch_of_the_stream(digits_data_dir):
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "benchmark_input.py"),
+                          "--epochs=1", "--batch_size=2000"], env=_env(digits_data_dir),
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    assert report["workers"] == 1 and report["input_sharding"] == "exact"
+    # 6 steps of 2,000 (one epoch) go to the one replica; the decode step ran at least for
+    # the 2,000 the full shuffle buffer did not hold.
+    assert report["examples_to_its_replicas_per_epoch"] == 12_000
+    assert report["examples_decoded_per_epoch"] >= 2_000 and report["input_seconds_per_epoch"] > 0
+
+
 def test_a_resumed_pipeline_skips_what_all_its_replicas_read():
     """2 replicas fed by one pipeline take 2 of its batches a step: after 3 steps it skips 6."""
     state = input_state.InputState(_Strategy(2), checkpointer=None, micro_batches=1,
@@ -246,7 +286,7 @@ def readme_command() -> list[str]:
     """The README's local multi-worker command (Distributed training), as written."""
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
         blocks = re.findall(r"```bash\n(.*?)```", f.read(), re.S)
-    [block] = [b for b in blocks if "launch_local_workers.py" in b]
+    [block] = [b for b in blocks if "launch_local_workers.py" in b and "experiments/" in b]
     return shlex.split(block.replace("\\\n", " "))
 
 
@@ -262,7 +302,7 @@ def readme_run(tmp_path_factory, digits_data_dir):
     command += [f"--train_steps={README_STEPS}", f"--eval_every={README_EVAL_EVERY}"]
     run = subprocess.run(["timeout", "-k", "10", "300", *command], cwd=cwd, capture_output=True,
                          text=True, env=_env(digits_data_dir))
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert run.returncode == 0, _failure(run)
     model_dir = cwd / dict(w.split("=", 1) for w in command if w.startswith("--model_dir="))[
         "--model_dir"]
     return model_dir, run.stdout
