@@ -57,10 +57,11 @@ def make_experiment(*, mode: str = "tasks", image_size: int = celeb_a.DEFAULT_IM
         return config.build_model(celeb_a.image_shape(image_size),
                                   celeb_a.heads(task_names, mode=mode))
 
-    def train_data(config, task_names):
+    def train_data(config, task_names, input_context=None):
         return celeb_a.load("train", batch_size=config.batch_size, training=True,
                             tasks=task_names, mode=mode, image_size=image_size,
-                            data_dir=config.data_dir, seed=config.seed)
+                            data_dir=config.data_dir, seed=config.seed,
+                            input_context=input_context)
 
     def eval_data(config, task_names):
         return celeb_a.load(eval_split, batch_size=config.eval_batch_size, training=False,

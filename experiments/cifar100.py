@@ -42,10 +42,10 @@ def make_experiment(*, augment: bool = True) -> experiment.Experiment:
     def build_model(config, task_names):
         return config.build_model(cifar100.IMAGE_SHAPE, cifar100.heads(task_names))
 
-    def train_data(config, task_names):
+    def train_data(config, task_names, input_context=None):
         return cifar100.load("train", batch_size=config.batch_size, training=True,
                              tasks=task_names, data_dir=config.data_dir, seed=config.seed,
-                             augment=augment)
+                             augment=augment, input_context=input_context)
 
     def eval_data(config, task_names):
         return cifar100.load("test", batch_size=config.eval_batch_size, training=False,

@@ -47,9 +47,11 @@ absl_flags.DEFINE_integer("sum_examples", 3000,
 TASKS = ("left", "sum")
 
 
-def task_examples(task: str, split: str, *, data_dir, seed) -> tf.data.Dataset:
-    """One epoch of shuffled, unbatched (image, {task: label}) multi_digits examples."""
-    ds = pipeline.load_tfds("multi_digits", split, data_dir=data_dir)
+def task_examples(task: str, split: str, *, data_dir, seed,
+                  input_context=None) -> tf.data.Dataset:
+    """One epoch of shuffled, unbatched (image, {task: label}) multi_digits examples (of this
+    input pipeline's part of `split` with `input_context`)."""
+    ds = pipeline.load_tfds("multi_digits", split, data_dir=data_dir, input_context=input_context)
     ds = ds.map(lambda f: multi_digits.to_example(f, (task,)))
     return pipeline.prepare_examples(ds, training=True, seed=seed)
 
@@ -81,10 +83,10 @@ def make_experiment(*, rates="proportional", sum_examples: int = 3000) -> experi
         return config.build_model(multi_digits.IMAGE_SHAPE,
                                   {name: all_heads[name]() for name in task_names})
 
-    def train_data(config, task_names):
+    def train_data(config, task_names, input_context=None):
         # Each task's dataset is shuffled with its own seed.
         datasets = {task: task_examples(task, splits[task], data_dir=config.data_dir,
-                                        seed=config.seed + i)
+                                        seed=config.seed + i, input_context=input_context)
                     for i, task in enumerate(TASKS) if task in task_names}
         return mtl.data.mix(datasets, rates=rates_for(rates, task_names),
                             batch_size=config.batch_size, seed=config.seed)

@@ -53,10 +53,10 @@ def make_experiment(variant: str = "side_by_side") -> experiment.Experiment:
         return config.build_model(multi_digits.IMAGE_SHAPES[variant],
                                   {name: all_heads[name]() for name in task_names})
 
-    def train_data(config, task_names):
+    def train_data(config, task_names, input_context=None):
         return multi_digits.load("train", batch_size=config.batch_size, training=True,
                                  tasks=task_names, data_dir=config.data_dir, seed=config.seed,
-                                 variant=variant)
+                                 variant=variant, input_context=input_context)
 
     def eval_data(config, task_names, split="test"):
         """One pass over `split`: "test" (what runs report) or "validation" (new pairs of the

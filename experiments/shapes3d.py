@@ -46,10 +46,10 @@ def make_experiment(*, mode: str = "classification") -> experiment.Experiment:
     def build_model(config, task_names):
         return config.build_model(shapes3d.IMAGE_SHAPE, shapes3d.heads(task_names, mode=mode))
 
-    def train_data(config, task_names):
+    def train_data(config, task_names, input_context=None):
         return shapes3d.load(shapes3d.TRAIN_SPLIT, batch_size=config.batch_size, training=True,
                              tasks=task_names, mode=mode, data_dir=config.data_dir,
-                             seed=config.seed)
+                             seed=config.seed, input_context=input_context)
 
     def eval_data(config, task_names):
         return shapes3d.load(shapes3d.EVAL_SPLIT, batch_size=config.eval_batch_size,

@@ -47,10 +47,11 @@ def make_experiment(*, image_size: int = 48, stereo: bool = False) -> experiment
         return config.build_model(smallnorb.image_shape(image_size, stereo),
                                   smallnorb.heads(task_names))
 
-    def train_data(config, task_names):
+    def train_data(config, task_names, input_context=None):
         return smallnorb.load("train", batch_size=config.batch_size, training=True,
                               tasks=task_names, data_dir=config.data_dir, seed=config.seed,
-                              image_size=image_size, stereo=stereo)
+                              image_size=image_size, stereo=stereo,
+                              input_context=input_context)
 
     def eval_data(config, task_names):
         return smallnorb.load("test", batch_size=config.eval_batch_size, training=False,

@@ -18,6 +18,7 @@ import tempfile
 import tensorflow as tf
 from absl import logging
 
+from mtl import run_record
 from mtl.config import UsageError
 
 
@@ -79,8 +80,7 @@ SIGNATURE_FILE = "model_signature.json"
 def write_signature(directory: str, signature: dict) -> None:
     path = os.path.join(directory, SIGNATURE_FILE)
     if not tf.io.gfile.exists(path):
-        with tf.io.gfile.GFile(path, "w") as f:
-            json.dump(signature, f)
+        run_record.write_json(path, signature)
 
 
 def check_signature(directory: str, signature: dict) -> None:

@@ -26,6 +26,7 @@ GRADIENT_MODES = ("exact", "rep")
 GRANULARITIES = ("all", "layer", "variable")
 JACOBIAN_DTYPES = ("float32", "bfloat16")
 MIXED_PRECISION = ("none", "float16", "bfloat16")
+INPUT_SHARDINGS = ("exact", "shard")
 
 
 class UsageError(ValueError):
@@ -327,6 +328,10 @@ class Config:
     num_gpus: int | None = None
     cpu_replicas: int | None = None
     tpu: str | None = None
+    # How several workers share the train input: "exact" (every worker reads the whole stream
+    # and keeps its batches: the global batches of one device) or "shard" (each reads only its
+    # part of the examples). See `mtl.experiment.distributed_train_data`.
+    input_sharding: str = "exact"
     grad_accum_steps: int = 1
     jit_compile: bool = False
     mixed_precision: str = "none"
@@ -388,6 +393,7 @@ class Config:
         for name, allowed in (("optimizer", optimizers.NAMES),
                               ("weighting", sorted(weighting_lib.METHODS)),
                               ("strategy", distribute.STRATEGIES),
+                              ("input_sharding", INPUT_SHARDINGS),
                               ("mixed_precision", MIXED_PRECISION)):
             if getattr(self, name) not in allowed:
                 raise UsageError(f"--{name}={getattr(self, name)!r} is unknown; expected one of "

@@ -7,6 +7,7 @@ An experiment script declares *what* to train (an `Experiment`: tasks, model, da
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import os
 from typing import Callable, Sequence
@@ -31,7 +32,12 @@ class Experiment:
       tasks: config -> every `Task` the experiment offers (`--tasks` picks a subset).
       model: (config, task names) -> a `MultiTaskModel` with one head per task; called under the
         strategy scope.
-      train_data: (config, task names) -> endless global batches.
+      train_data: (config, task names[, input_context]) -> endless global batches (of
+        `config.batch_size`). With `input_context` (a `tf.distribute.InputContext`, passed only
+        under `--input_sharding=shard` with several workers), endless batches of this input
+        pipeline's part of the examples, cut before they are decoded (the built-in data modules
+        take it as `input_context=`, see `mtl.data.pipeline.input_part`). An experiment whose
+        `train_data` has no such parameter trains with `--input_sharding=exact` only.
       eval_data: (config, task names) -> one pass of eval batches (the test data).
       validation_data: None (default), or (config, task names) -> one pass of validation
         batches, held out from training and from the test data. When given, every evaluation
@@ -43,27 +49,40 @@ class Experiment:
     name: str
     tasks: Callable[[Config], Sequence[Task]]
     model: Callable[[Config, Sequence[str]], keras.Model]
-    train_data: Callable[[Config, Sequence[str]], tf.data.Dataset]
+    train_data: Callable[..., tf.data.Dataset]
     eval_data: Callable[[Config, Sequence[str]], tf.data.Dataset]
     validation_data: Callable[[Config, Sequence[str]], tf.data.Dataset] | None = None
 
 
 def distributed_train_data(experiment: Experiment, config: Config, task_names,
                            strategy: tf.distribute.Strategy):
-    """The experiment's train data for `strategy`.
+    """The experiment's train data for `strategy`: a function `(InputContext) -> dataset` that
+    builds the pipeline with per-replica micro-batches (`batch_size / grad_accum_steps`
+    examples per update, split over the replicas).
 
-    The pipeline yields micro-batches of `batch_size / grad_accum_steps` examples (that many make
-    one update). On one replica: that dataset (its position is saved in checkpoints). On several:
-    a function for `distribute_datasets_from_function` that builds the same pipeline with
-    per-replica batches; with several input pipelines (workers) each keeps every N-th batch of
-    the identically seeded stream, so the replicas of one step together see exactly the examples
-    of one global batch, as on one device.
+    Every call builds a fresh pipeline, so training reads the seeded stream from its start on
+    any number of replicas: a tf.data shuffle reshuffles for each new iterator of one dataset
+    object, and the Trainer's check of the first batch would otherwise move a shared dataset's
+    training stream on to its second order. On one replica the Trainer builds it once for
+    training and saves its position in checkpoints. With several input pipelines (workers),
+    `config.input_sharding` says how they share it:
+      * "exact": each builds the same, identically seeded stream and keeps every N-th batch, so
+        the replicas of one step together see exactly the examples of one global batch, as on
+        one device (N times the input work: every worker reads and decodes every example);
+      * "shard": each reads only its part of the examples (`input_context` to the experiment's
+        `train_data`: 1/N of the split, cut before decoding) and shuffles and batches that part,
+        so a global batch is the union of per-replica batches drawn from different parts.
+        Each update is still the mean over the examples of its global batch (README, "How a
+        step works"); which examples meet in a batch is what changes.
+    One input pipeline (one worker, any number of local replicas) reads everything either way.
     """
+    shard = config.input_sharding == "shard"
+    if shard and not takes_input_context(experiment.train_data):
+        raise UsageError(f"--input_sharding=shard: experiment {experiment.name!r} cannot read a "
+                         "part of its train data (its train_data takes no input_context "
+                         "argument); use --input_sharding=exact.")
     micro_batch = config.batch_size // config.grad_accum_steps
     replicas = strategy.num_replicas_in_sync
-    if replicas == 1:
-        return experiment.train_data(dataclasses.replace(config, batch_size=micro_batch),
-                                     task_names)
     if micro_batch % replicas:
         raise UsageError(
             f"--batch_size={config.batch_size} (micro-batch {micro_batch} with "
@@ -71,14 +90,26 @@ def distributed_train_data(experiment: Experiment, config: Config, task_names,
             f"{replicas} replicas; use a micro-batch that is a multiple of {replicas}.")
 
     def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
-        per_replica = context.get_per_replica_batch_size(micro_batch)
-        ds = experiment.train_data(dataclasses.replace(config, batch_size=per_replica),
-                                   task_names)
-        if context.num_input_pipelines > 1:
-            ds = ds.shard(context.num_input_pipelines, context.input_pipeline_id)
-        return ds
+        per_replica = dataclasses.replace(
+            config, batch_size=context.get_per_replica_batch_size(micro_batch))
+        if context.num_input_pipelines == 1:
+            return experiment.train_data(per_replica, task_names)
+        if shard:
+            return experiment.train_data(per_replica, task_names, input_context=context)
+        ds = experiment.train_data(per_replica, task_names)
+        return ds.shard(context.num_input_pipelines, context.input_pipeline_id)
 
     return dataset_fn
+
+
+def takes_input_context(train_data: Callable) -> bool:
+    """Whether an experiment's `train_data` takes `input_context` (can read a part)."""
+    try:
+        parameters = inspect.signature(train_data).parameters
+    except (TypeError, ValueError):
+        return False
+    return "input_context" in parameters or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
 
 
 CONFIG_RECORD = "config.json"

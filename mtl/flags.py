@@ -13,8 +13,9 @@ from absl import flags
 
 from mtl import distribute, optimizers
 from mtl import weighting as weighting_lib
-from mtl.config import (GRADIENT_MODES, GRANULARITIES, JACOBIAN_DTYPES,  # noqa: F401
-                        MIXED_PRECISION, ON_NONFINITE, Config, UsageError, parse_options)
+from mtl.config import (GRADIENT_MODES, GRANULARITIES, INPUT_SHARDINGS,  # noqa: F401
+                        JACOBIAN_DTYPES, MIXED_PRECISION, ON_NONFINITE, Config, UsageError,
+                        parse_options)
 
 
 
@@ -72,6 +73,12 @@ def define_flags(**defaults) -> None:
     f.DEFINE_integer("cpu_replicas", values["cpu_replicas"],
                      "Mirror over this many logical CPU devices (no GPU needed).")
     f.DEFINE_string("tpu", values["tpu"], "TPU address for --strategy=tpu.")
+    f.DEFINE_enum("input_sharding", values["input_sharding"], list(INPUT_SHARDINGS),
+                  "How several workers share the train input: exact (each builds the whole "
+                  "stream and keeps its share of every global batch: the batches of one device, "
+                  "N times the input work) or shard (each reads and decodes only its 1/N of "
+                  "the examples: other examples meet in a batch; each global batch is still one "
+                  "update on the mean over its examples). Identical on one worker.")
     f.DEFINE_integer("grad_accum_steps", values["grad_accum_steps"],
                      "Accumulate gradients over this many micro-batches of "
                      "batch_size / grad_accum_steps examples, then apply once.")

@@ -71,13 +71,22 @@ def check(recorded: dict | None, given: dict, *, free: Iterable[str], allowed: I
     return changes
 
 
+def write_json(path: str, value) -> None:
+    """Writes `value` as JSON to a temporary name, then renames it to `path`: a reader (another
+    worker of a multi-worker run reading the record as the chief writes it) sees the whole file
+    or none."""
+    tf.io.gfile.makedirs(os.path.dirname(path) or ".")
+    temporary = f"{path}.tmp{os.getpid()}"
+    with tf.io.gfile.GFile(temporary, "w") as f:
+        json.dump(value, f, indent=2)
+    tf.io.gfile.rename(temporary, path, overwrite=True)
+
+
 def write_once(path: str, record: dict) -> None:
     """Writes the original record (never overwritten)."""
     if tf.io.gfile.exists(path):
         return
-    tf.io.gfile.makedirs(os.path.dirname(path) or ".")
-    with tf.io.gfile.GFile(path, "w") as f:
-        json.dump(normalise(record), f, indent=2)
+    write_json(path, normalise(record))
 
 
 def append_history(model_dir: str, source: str, changes: dict, step: int) -> None:
@@ -90,8 +99,7 @@ def append_history(model_dir: str, source: str, changes: dict, step: int) -> Non
                     "step": step, "record": source,
                     "changes": {f: {"from": old, "to": new}
                                 for f, (old, new) in normalise(changes).items()}})
-    with tf.io.gfile.GFile(path, "w") as f:
-        json.dump(history, f, indent=2)
+    write_json(path, history)
 
 
 def _show(value) -> str:

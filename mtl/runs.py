@@ -29,7 +29,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from mtl import checkpoints, transfer
+from mtl import checkpoints, run_record, transfer
 from mtl.config import Config, UsageError
 from mtl.model import MultiTaskModel
 
@@ -166,11 +166,7 @@ def record_model(model_dir: str, model: keras.Model) -> str | None:
                         model_dir, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
         return None
     try:
-        tf.io.gfile.makedirs(model_dir)
-        temporary = f"{path}.tmp{os.getpid()}"
-        with tf.io.gfile.GFile(temporary, "w") as f:
-            json.dump(record, f)
-        tf.io.gfile.rename(temporary, path, overwrite=True)
+        run_record.write_json(path, record)
     except (OSError, tf.errors.OpError) as e:
         logging.warning("Could not write %s (%s: %s); scripts/export.py will not be able to "
                         "rebuild this run's model.", path, type(e).__name__, e)

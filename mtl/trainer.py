@@ -26,7 +26,7 @@ from mtl import weighting as weighting_lib
 from mtl.checkpoints import CheckpointReadError, CheckpointWriteError  # noqa: F401 (API)
 from mtl.config import TrainerOptions, UsageError, UsageTypeError, scope_text
 from mtl.finetune import layers_to_unfreeze, optimizer_groups, trainable_weights_when_unfrozen
-from mtl.input_state import Data, InputState, distribute
+from mtl.input_state import Data, InputState, distribute, input_context
 from mtl.preemption import TrainingStopped  # noqa: F401 (API)
 from mtl.step import LossScale, TrainStep, unique_variables
 from mtl.tasks import Task
@@ -459,9 +459,9 @@ class Trainer:
                     f"{where}: the global batch size {batch} cannot be split evenly over "
                     f"{replicas} replicas; use a multiple of {replicas}.")
         elif callable(data):
-            context = tf.distribute.InputContext(num_input_pipelines=1, input_pipeline_id=0,
-                                                 num_replicas_in_sync=replicas)
-            dataset = data(context)
+            # This worker's own context: under several workers a function that reads a part
+            # of the data (`--input_sharding=shard`) is checked on that part, not the whole.
+            dataset = data(input_context(self.strategy))
             spec = dataset.element_spec
         else:
             raise UsageTypeError(f"{where} must be a tf.data.Dataset or a function (InputContext) -> "

@@ -145,8 +145,10 @@ def _preprocess(element):
 def examples(split: str, *, training: bool, tasks: Sequence[str] | None = None,
              mode: str = "tasks", data_dir: str | None = None, seed: int | None = None,
              image_size: int = DEFAULT_IMAGE_SIZE, augment: bool = True, cache: bool = False,
-             download: bool = True) -> tf.data.Dataset:
-    """One epoch of unbatched `(image float32 [s, s, 3] in [0, 1], {task: label})`.
+             download: bool = True, input_context: tf.distribute.InputContext | None = None
+             ) -> tf.data.Dataset:
+    """One epoch of unbatched `(image float32 [s, s, 3] in [0, 1], {task: label})`; with
+    `input_context`, of this input pipeline's part of the split (`pipeline.input_part`).
 
     `tasks`: a subset of `task_names(mode)` (all when None). `cache=True` keeps the resized
     uint8 images in memory (about 2 GB for `train` at 64x64).
@@ -157,7 +159,8 @@ def examples(split: str, *, training: bool, tasks: Sequence[str] | None = None,
     if not isinstance(image_size, int) or image_size < 1:
         raise UsageError(f"{NAME}: image_size must be an int >= 1; got {image_size!r}.")
     ds = pipeline.load_tfds(NAME, split, data_dir=data_dir, shuffle_files=training, seed=seed,
-                            download=download, how_to_provide=_MANUAL)
+                            download=download, how_to_provide=_MANUAL,
+                            input_context=input_context)
     ds = ds.map(lambda f: to_example(f, tasks, image_size), num_parallel_calls=tf.data.AUTOTUNE)
     return pipeline.prepare_examples(ds, training=training, seed=seed, cache=cache,
                                      augment=_random_mirror if augment else None,
@@ -169,7 +172,8 @@ def load(split: str, *, batch_size: int, training: bool, tasks: Sequence[str] | 
     """Batches of `(image float32 [b, s, s, 3], {task: label [b, ...]})`.
 
     training=True: endless, shuffled and augmented with `seed`, fixed-size batches; False: one
-    pass. `options`: `mode`, `image_size`, `augment`, `cache`, `download` of `examples`.
+    pass. `options`: `mode`, `image_size`, `augment`, `cache`, `download`, `input_context`
+    of `examples`.
     """
     pipeline.check_batch_size(batch_size)
     ds = examples(split, training=training, tasks=tasks, data_dir=data_dir, seed=seed, **options)

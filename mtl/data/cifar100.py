@@ -49,12 +49,14 @@ def _preprocess(element):
 
 def examples(split: str, *, training: bool, tasks: Sequence[str] = TASKS,
              data_dir: str | None = None, seed: int | None = None, augment: bool = True,
-             cache: bool = True, download: bool = True) -> tf.data.Dataset:
-    """One epoch of unbatched `(image, {task: label})` (shuffled and augmented when training)."""
+             cache: bool = True, download: bool = True,
+             input_context: tf.distribute.InputContext | None = None) -> tf.data.Dataset:
+    """One epoch of unbatched `(image, {task: label})` (shuffled and augmented when training);
+    with `input_context`, of this input pipeline's part of the split (`pipeline.input_part`)."""
     tasks = pipeline.check_tasks(NAME, tasks, TASKS)
     pipeline.check_split(NAME, split, SPLITS)
     ds = pipeline.load_tfds(NAME, split, data_dir=data_dir, shuffle_files=training, seed=seed,
-                            download=download)
+                            download=download, input_context=input_context)
     ds = ds.map(lambda f: to_example(f, tasks), num_parallel_calls=tf.data.AUTOTUNE)
     return pipeline.prepare_examples(
         ds, training=training, seed=seed, cache=cache,
@@ -67,7 +69,7 @@ def load(split: str, *, batch_size: int, training: bool, tasks: Sequence[str] = 
     """Batches of `(image float32 [b, 32, 32, 3], {task: int64 [b]})`.
 
     training=True: endless, shuffled and augmented with `seed`, fixed-size batches; False: one
-    pass. `options`: `augment`, `cache`, `download` of `examples`.
+    pass. `options`: `augment`, `cache`, `download`, `input_context` of `examples`.
     """
     pipeline.check_batch_size(batch_size)
     ds = examples(split, training=training, tasks=tasks, data_dir=data_dir, seed=seed, **options)

@@ -192,10 +192,13 @@ def to_example(features: dict, tasks=TASKS):
 
 
 def load(split: str, *, batch_size: int, training: bool, tasks=TASKS, data_dir=None,
-         seed: int | None = None, variant: str = "side_by_side") -> tf.data.Dataset:
+         seed: int | None = None, variant: str = "side_by_side",
+         input_context: tf.distribute.InputContext | None = None) -> tf.data.Dataset:
     """Batches of (image, {task: label}) of `variant` for the given tasks.
 
     training=True: endless, shuffled with `seed`, fixed-size batches; False: one pass.
+    `input_context` (several input pipelines): only this pipeline's part of the split is read
+    (`pipeline.input_part`).
     """
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
@@ -203,9 +206,11 @@ def load(split: str, *, batch_size: int, training: bool, tasks=TASKS, data_dir=N
     if split not in SPLITS:
         raise UsageError(f"multi_digits has no split {split!r}; its splits are {list(SPLITS)}.")
     check_variant(variant)
-    # The whole split (a few MB) is read into memory once, in its file order: the same stream a
-    # cached pipeline gives, without the cache's warning when a short run stops mid-epoch.
-    features = tfds.as_numpy(tfds.load(f"{NAME}/{variant}", split=split, data_dir=data_dir,
+    # The whole split (a few MB; or this pipeline's part) is read into memory once, in its file
+    # order: the same stream a cached pipeline gives, without the cache's warning when a short
+    # run stops mid-epoch.
+    part = pipeline.input_part(split, input_context)
+    features = tfds.as_numpy(tfds.load(f"{NAME}/{variant}", split=part, data_dir=data_dir,
                                        shuffle_files=False, batch_size=-1))
     ds = tf.data.Dataset.from_tensor_slices(features)
     ds = ds.map(lambda f: to_example(f, tuple(tasks)), num_parallel_calls=tf.data.AUTOTUNE)

@@ -26,6 +26,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from absl import logging
 
 from mtl.config import UsageError
 
@@ -107,9 +108,27 @@ def preserved_random_state() -> Iterator[None]:
         np.random.set_state(numpy_state)
 
 
+def input_part(split: str, input_context: tf.distribute.InputContext | None):
+    """The part of the TFDS `split` that one input pipeline reads (`split` itself when there is
+    one pipeline or no context).
+
+    With N input pipelines (workers), pipeline i reads the i-th of N parts of the split's
+    examples (`tfds.even_splits`: sizes differ by at most one; a split such as 'train[:90%]' or
+    'train+test' is cut the same way). TFDS reads such a part from the records it holds,
+    skipping the others before parsing or decoding, whatever the number of files. TFDS stores
+    each split in a shuffled order, so a contiguous part is a random sample of the split.
+    """
+    if input_context is None or input_context.num_input_pipelines == 1:
+        return split
+    count, index = input_context.num_input_pipelines, input_context.input_pipeline_id
+    logging.info("Input pipeline %d of %d reads its part of split %r (1/%d of the examples).",
+                 index + 1, count, split, count)
+    return tfds.even_splits(split, n=count)[index]
+
+
 def load_tfds(name: str, split: str, *, data_dir: str | None = None, shuffle_files: bool = False,
-              seed: int | None = None, download: bool = True,
-              how_to_provide: str = "") -> tf.data.Dataset:
+              seed: int | None = None, download: bool = True, how_to_provide: str = "",
+              input_context: tf.distribute.InputContext | None = None) -> tf.data.Dataset:
     """`tfds` examples (feature dicts) of `name`/`split`, downloading and preparing when needed.
 
     When the dataset is not in `data_dir` and cannot be downloaded (no network, a quota, a
@@ -119,6 +138,7 @@ def load_tfds(name: str, split: str, *, data_dir: str | None = None, shuffle_fil
     `how_to_provide` is added to that message (e.g. the manual-download steps of a dataset), with
     `{data_dir}` replaced by the data folder.
     `shuffle_files` with `seed` reads the files in a seeded order (for training).
+    `input_context` (several input pipelines): only this pipeline's part (`input_part`).
     Preparing leaves the process's global random state as it was (`preserved_random_state`).
     """
     builder = tfds.builder(name, data_dir=data_dir)
@@ -139,8 +159,8 @@ def load_tfds(name: str, split: str, *, data_dir: str | None = None, shuffle_fil
                 _unavailable_message(builder, name, error, how_to_provide, download)) from None
     read_config = tfds.ReadConfig(shuffle_seed=seed) if shuffle_files else None
     try:
-        return builder.as_dataset(split=split, shuffle_files=shuffle_files,
-                                  read_config=read_config)
+        return builder.as_dataset(split=input_part(split, input_context),
+                                  shuffle_files=shuffle_files, read_config=read_config)
     except AssertionError as error:  # TFDS asserts that the data was prepared.
         raise DatasetUnavailableError(
             _unavailable_message(builder, name, error, how_to_provide, download)) from None

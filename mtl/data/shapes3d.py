@@ -88,15 +88,16 @@ def _preprocess(element):
 
 def examples(split: str, *, training: bool, tasks: Sequence[str] = TASKS,
              mode: str = "classification", data_dir: str | None = None,
-             seed: int | None = None, cache: bool = False, download: bool = True
-             ) -> tf.data.Dataset:
+             seed: int | None = None, cache: bool = False, download: bool = True,
+             input_context: tf.distribute.InputContext | None = None) -> tf.data.Dataset:
     """One epoch of unbatched `(image float32 [64, 64, 3], {factor: label})` (shuffled when
-    training). `cache=True` keeps the uint8 images in memory (about 5.3 GB for TRAIN_SPLIT)."""
+    training). `cache=True` keeps the uint8 images in memory (about 5.3 GB for TRAIN_SPLIT).
+    With `input_context`, of this input pipeline's part of the split (`pipeline.input_part`)."""
     _check_mode(mode)
     tasks = pipeline.check_tasks(NAME, tasks, TASKS)
     pipeline.check_split(NAME, split, SPLITS)
     ds = pipeline.load_tfds(NAME, split, data_dir=data_dir, shuffle_files=training, seed=seed,
-                            download=download)
+                            download=download, input_context=input_context)
     ds = ds.map(lambda f: to_example(f, tasks, mode), num_parallel_calls=tf.data.AUTOTUNE)
     return pipeline.prepare_examples(ds, training=training, seed=seed, cache=cache,
                                      preprocess=_preprocess)
@@ -107,7 +108,7 @@ def load(split: str, *, batch_size: int, training: bool, tasks: Sequence[str] = 
     """Batches of `(image float32 [b, 64, 64, 3], {factor: label [b]})`.
 
     training=True: endless, shuffled with `seed`, fixed-size batches; False: one pass.
-    `options`: `mode`, `cache`, `download` of `examples`.
+    `options`: `mode`, `cache`, `download`, `input_context` of `examples`.
     """
     pipeline.check_batch_size(batch_size)
     ds = examples(split, training=training, tasks=tasks, data_dir=data_dir, seed=seed, **options)
