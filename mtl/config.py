@@ -124,10 +124,9 @@ class TrainerOptions:
         per-task gradients of a scope of the shared variables only, "top:N" (the last N shared
         layers, in the model's order) or a sequence of layer names; every shared variable then
         gets sum_t w_t grad(row_t) by one backward pass. An approximation of the method, stated
-        as such: the weights see only the scope's conflicts. "all": the Gramian path with every
-        shared variable in the scope, the same update as exact mode, with the per-task
-        gradients dropped once their Gramian is formed (before the backward pass). None: exact
-        mode (the direction J^T w from the kept Jacobian).
+        as such: the weights see only the scope's conflicts. None or "all": every shared
+        variable, i.e. exact mode, where the weights from the whole Gramian are applied as
+        J^T w (the per-task gradients are in hand; a backward pass would cost more).
       jacobian_dtype: "float32", or "bfloat16" to keep the per-task gradients (the Jacobian
         of exact mode, the scope's of a partial Jacobian) in half the memory: the Gramian and the
         direction are computed from the rounded rows (an approximation: ~3 significant digits
@@ -198,14 +197,13 @@ class TrainerOptions:
 
 
 def parse_jacobian_scope(value):
-    """None / "" -> None; "all" -> ("all",); "top:N" -> ("top", N); "a,b" or a sequence of
-    layer names -> ("layers", (a, b)). Anything else: `UsageError` naming the expected forms."""
+    """None / "" / "all" -> None (every shared variable: exact mode); "top:N" -> ("top", N);
+    "a,b" or a sequence of layer names -> ("layers", (a, b)). Anything else: `UsageError`
+    naming the expected forms."""
     expected = ("expected 'all' (every shared variable), 'top:N' (N >= 1: the last N shared "
                 "layers) or layer names ('conv_1,features' or a list)")
-    if value is None or value == "":
+    if value is None or value == "" or value == "all":
         return None
-    if value == "all" or value == ("all",):
-        return ("all",)
     if isinstance(value, tuple) and len(value) == 2 and value[0] in ("top", "layers"):
         return value
     if isinstance(value, str):
@@ -225,11 +223,10 @@ def parse_jacobian_scope(value):
 
 
 def scope_text(scope) -> str | None:
-    """A parsed `jacobian_scope` as written: "all", "top:N" or "layer,layer" (None: none)."""
+    """A parsed `jacobian_scope` as written: "top:N" or "layer,layer" (None: every shared
+    variable)."""
     if scope is None:
         return None
-    if scope[0] == "all":
-        return "all"
     return f"top:{scope[1]}" if scope[0] == "top" else ",".join(scope[1])
 
 

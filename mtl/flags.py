@@ -105,8 +105,7 @@ def define_flags(**defaults) -> None:
     f.DEFINE_string("jacobian_scope", values["jacobian_scope"],
                     "Partial Jacobian for Gramian methods: their weights come from the task "
                     "gradients of the last N shared layers ('top:N') or of the layers named "
-                    "('conv_1,features'); 'all': every shared variable through the Gramian "
-                    "path (exact mode's update); unset: exact mode.")
+                    "('conv_1,features'); unset or 'all': every shared variable (exact mode).")
     f.DEFINE_enum("jacobian_dtype", values["jacobian_dtype"], list(JACOBIAN_DTYPES),
                   "Gradient methods: keep the per-task gradients in float32 or bfloat16 (half "
                   "the memory, ~3 significant digits).")

@@ -208,8 +208,6 @@ class Trainer:
                 f"task gradients; {self.weighting.name!r} is not one. Use one of "
                 f"{gramian_methods}, or leave jacobian_scope unset.")
         layers = list(dict.fromkeys(v.path.rsplit("/", 1)[0] for v in shared))
-        if scope[0] == "all":
-            return list(shared)
         if scope[0] == "top":
             chosen = set(layers[-scope[1]:])
         else:

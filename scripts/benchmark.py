@@ -35,7 +35,7 @@ its default settings (ratio > 1: slower than mtl):
                          on 64x64x3 images, one binary head per task, random data): time per
                          step and peak memory (resident set on CPU; the allocator's peak on a
                          GPU) of equal weighting, --sweep_method in exact mode (one Jacobian of
-                         all tasks, the default task chunks, the Gramian path), a partial
+                         all tasks, and the default task chunks), a partial
                          Jacobian (--sweep_scope) and rep mode, each as a ratio to equal at the
                          same task count. Each (tasks, variant) runs in its own process (a
                          process's peak memory only grows); a plot goes next to --out
@@ -81,7 +81,6 @@ SWEEP_VARIANTS = {
     "equal": "equal weighting",
     "exact/unchunked": "exact mode, one batched Jacobian of all tasks",
     "exact/chunked": "exact mode, the default task chunks",
-    "exact/gramian": "exact mode through the Gramian path (jacobian_scope=all)",
     "partial": "partial Jacobians (one variant partial/<scope> per --sweep_scope)",
     "rep": "rep mode (the Gramian of the representation's gradients)",
 }
@@ -287,7 +286,6 @@ def sweep_settings(variant: str, num_tasks: int) -> dict:
     return {"equal": {},
             "exact/unchunked": dict(method, jacobian_chunk_size=num_tasks),
             "exact/chunked": dict(method, jacobian_chunk_size=FLAGS.sweep_chunk_size),
-            "exact/gramian": dict(method, jacobian_scope="all"),
             "rep": dict(method, gradient_mode="rep")}[variant]
 
 
@@ -428,8 +426,8 @@ def plot_sweep(rows, path: str) -> bool:
     for axis, title in zip(axes, ("time per step vs equal", "peak memory vs equal")):
         axis.set_xlabel("tasks")
         axis.set_title(title)
-        axis.set_yscale("log")
         axis.grid(True, alpha=0.3)
+    axes[0].set_yscale("log")
     axes[0].legend()
     figure.tight_layout()
     figure.savefig(path, dpi=120)

@@ -5,8 +5,7 @@ each case given, and prints one JSON line per case with how far apart they end.
 
 A case: {"method", "mode" (exact|rep), "k" (micro-batches), "reg" (L2 on a shared layer),
 "frozen" (backbone frozen), "dropout" (a Dropout layer in the backbone), "optimizer",
-"granularity", "clip" (clip_norm=CLIP_NORM), "chunk" (jacobian_chunk_size), "scope" (N of jacobian_scope="top:N", or "all": the Gramian path over every shared variable,
-exact mode's update), "arch" (a soft-sharing architecture of
+"granularity", "clip" (clip_norm=CLIP_NORM), "chunk" (jacobian_chunk_size), "scope" (N of jacobian_scope="top:N"), "arch" (a soft-sharing architecture of
 `mtl.architectures` with MLP experts; "hps": the backbone and heads)}. The update
 batch is 16 examples; task "a" misses labels (placeholder -1, sample weight 0), task "c" has no
 label at all in some micro-batches. Run as a subprocess: "mirrored" needs 2 logical CPUs set up
@@ -99,8 +98,7 @@ def run_case(strategy, case):
                               strategy=strategy, granularity=case["granularity"],
                               clip_norm=CLIP_NORM if case["clip"] else None,
                               jacobian_chunk_size=case["chunk"],
-                              jacobian_scope=(case["scope"] if case["scope"] == "all" else
-                                              f"top:{case['scope']}" if case["scope"] else None),
+                              jacobian_scope=(f"top:{case['scope']}" if case["scope"] else None),
                               fine_tuning=mtl.FineTuning(freeze_backbone=case["frozen"]))
     initial = [w.numpy() for w in model.weights]
     micro = UPDATE_BATCH // case["k"]
@@ -131,7 +129,7 @@ def run_case(strategy, case):
                              mode=case["mode"], frozen_backbone=case["frozen"],
                              group_methods=group_methods,
                              clip_norm=CLIP_NORM if case["clip"] else None, clipped=clipped,
-                             scope_top=None if case["scope"] == "all" else case["scope"])
+                             scope_top=case["scope"])
 
     def relative(got, want):
         return float(np.max(np.abs(got - want)) / max(float(np.max(np.abs(want))), 1e-3))

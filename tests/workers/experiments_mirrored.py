@@ -22,7 +22,7 @@ TFDS_EXPERIMENTS = ("cifar100", "celeb_a", "smallnorb", "shapes3d")
 def main():
     data_dir = sys.argv[1]
     mirrored = dict(strategy="mirrored", cpu_replicas=2, batch_size=4)
-    for name in ("multi_digits", "digits_mixture") + TFDS_EXPERIMENTS:
+    for name in ("multi_digits", "multi_digits_overlap", "digits_mixture") + TFDS_EXPERIMENTS:
         script = experiment_scripts.load(name)
         with tempfile.TemporaryDirectory() as model_dir:
             if name in TFDS_EXPERIMENTS:
