@@ -2,6 +2,7 @@
 before any work; a bug keeps its traceback."""
 
 import importlib.util
+import json
 import os
 import stat
 import subprocess
@@ -50,6 +51,23 @@ def test_benchmark_flag_errors_exit_2_before_anything_is_built(tmp_path):
         "error: flag --variants=['mtl', 'weighting/mgda/exact/K=3']: unknown value "
         "'weighting/mgda/exact/K=3'; expected 'step_cost', 'architectures', or some of ['mtl', ")
     assert not out.exists()
+
+
+def test_the_tasks_sweep_measures_each_variant_in_its_own_process_against_equal(tmp_path):
+    out = tmp_path / "sweep.json"
+    run = _script("benchmark.py", "--tasks_sweep=0", f"--out={out}")
+    assert run.returncode == 2
+    assert "unknown value '0'; expected task counts >= 1" in _last_line(run.stderr)
+    run = _script("benchmark.py", "--tasks_sweep=3", "--sweep_variants=exact/chunked",
+                  "--sweep_chunk_size=1", "--sweep_image_size=8", "--batch_size=4",
+                  "--steps=1", "--repeats=1", f"--out={out}")
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["tasks"], r["variant"]) for r in rows] == [(3, "equal"), (3, "exact/chunked")]
+    assert rows[0]["time_vs_equal"] == 1.0 and rows[0]["memory_vs_equal"] == 1.0
+    assert rows[1]["jacobian_chunk_size"] == 1  # the loop over the tasks, one at a time
+    assert all(r["peak_rss_mb"] >= r["training_peak_rss_mb"] * 0.99 > 100 for r in rows)
+    assert "| 3 | exact/chunked |" in run.stdout
 
 
 def test_launcher_refuses_a_command_that_cannot_run(tmp_path, capsys):
