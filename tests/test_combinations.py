@@ -5,7 +5,8 @@ Axes: every weighting method; micro-batches K in {1, 2} (with missing labels, an
 label in some micro-batches); 1 device and 2 mirrored logical CPUs; exact and rep mode where the
 method allows rep; with and without an L2 regulariser on a shared layer; a frozen backbone with
 and without Dropout; SGD with momentum and Adam; per-layer aggregation (granularity="layer") for a few
-gradient methods; per-task gradients a chunk of tasks at a time (a loop over the tasks), with
+gradient methods; every Gramian method's weights applied by a backward pass over a scope of
+every shared layer (exact mode's update); per-task gradients a chunk of tasks at a time (a loop over the tasks), with
 micro-batches, replicas, Adam, partial Jacobians and architectures; global gradient clipping (clip_norm) with loss and gradient methods, K = 2 and
 mirrored replicas; soft-sharing architectures (every method with mmoe and with cross_stitch on
 one device and on 2 replicas; cgc, ple and dselect_k with a few): the reference finds the shared
@@ -32,6 +33,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 METHODS = sorted(mtl.weighting.METHODS)
 REP_METHODS = sorted(name for name, cls in mtl.weighting.METHODS.items()
                      if getattr(cls, "supports_rep", False))
+GRAMIAN_METHODS = sorted(name for name, cls in mtl.weighting.METHODS.items()
+                         if issubclass(cls, mtl.weighting.GramianWeighting))
 
 
 def _cases_one():
@@ -44,6 +47,10 @@ def _cases_one():
     for method in REP_METHODS:
         cases.append({"method": method, "mode": "rep", "k": 2, "reg": True})
         cases.append({"method": method, "mode": "rep", "k": 1, "optimizer": "adam"})
+    # The weights from a scope's Gramian applied by one backward pass (the path of rep mode and
+    # partial Jacobians), with the scope = both shared layers: exact mode's update, for every
+    # method defined by the Gramian.
+    cases += [{"method": method, "k": 1, "scope": 2} for method in GRAMIAN_METHODS]
     cases += [
         {"method": "equal", "k": 1, "reg": True},
         {"method": "mgda", "k": 2, "optimizer": "adam"},
