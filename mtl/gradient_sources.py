@@ -253,7 +253,8 @@ class _Source:
     """What the sources share: the variables, the micro-batch loss computation, finiteness."""
 
     def __init__(self, *, forward: Forward, tasks, method, strategy, model_variables,
-                 shared_variables, micro_batches: int):
+                 shared_variables, micro_batches: int, chunk_size: int | None = None,
+                 jacobian_dtype=tf.float32):
         self.forward = forward
         self.tasks = tuple(tasks)
         self.method = method
@@ -269,6 +270,13 @@ class _Source:
         #: Per variable of `variables`: does a loss reach it? (Set when the pass is traced;
         #: an unconnected variable is left out of the update, as Keras `fit` does.)
         self.connected = None
+        #: Per-task gradients (exact mode, a partial Jacobian's scope): tasks whose backward
+        #: passes run at once (None: `default_chunk_size`, decided when first traced), and
+        #: their storage dtype (float32, or bfloat16 for half the memory).
+        self.chunk_size = None if chunk_size is None else min(chunk_size, self.num_tasks)
+        self.jacobian_dtype = tf.as_dtype(jacobian_dtype)
+        #: The variables of a partial Jacobian (none: every shared variable, or no Jacobian).
+        self.scope = []
 
     @property
     def num_tasks(self) -> int:
@@ -279,8 +287,8 @@ class _Source:
         replica's micro-batch size, decided when the pass is first traced."""
         if self.chunk_size is None:
             examples = tf.nest.flatten(unpack_batch(batch)[0])[0].shape[0] or 64
-            activation_bytes = 4.0 * examples * activation_elements(
-                self.forward.model, getattr(self, "scope", None) or None)
+            activation_bytes = 4.0 * examples * activation_elements(self.forward.model,
+                                                                    self.scope or None)
             self.chunk_size = default_chunk_size(self.num_tasks, activation_bytes)
             logging.info("Per-task gradients: %d of %d tasks at once (jacobian_chunk_size; "
                          "%.0f MB of activations per task's backward pass).", self.chunk_size,
@@ -429,13 +437,9 @@ class WeightedGradients(_Source):
     must see the whole batch; then K backward passes with fixed weights.
     """
 
-    def __init__(self, decision, scope_variables=None, chunk_size: int | None = None,
-                 jacobian_dtype=tf.float32, **kwargs):
+    def __init__(self, decision, scope_variables=None, **kwargs):
         super().__init__(**kwargs)
         self.decision = decision
-        #: The scope's per-task gradients: tasks per batched Jacobian, and the storage dtype.
-        self.chunk_size = None if chunk_size is None else min(chunk_size, self.num_tasks)
-        self.jacobian_dtype = tf.as_dtype(jacobian_dtype)
         # The shared variables are differentiated apart only when their weights differ.
         self.separate_shared = isinstance(decision, (RepDecision, RepMaskDecision))
         self.masked = isinstance(decision, RepMaskDecision)
@@ -610,15 +614,8 @@ class JacobianRows(_Source):
     the whole batch's J into one direction (cross-replica context), once per update. The other
     variables get the gradient of sum_t Task.weight * L_t, the regularisation its own."""
 
-    def __init__(self, *, group_methods: dict | None = None, group_of=None,
-                 chunk_size: int | None = None, jacobian_dtype=tf.float32, **kwargs):
+    def __init__(self, *, group_methods: dict | None = None, group_of=None, **kwargs):
         super().__init__(**kwargs)
-        #: Tasks per batched Jacobian: the backward pass holds that many tasks' activation
-        #: gradients at once (memory bounded in the chunk, not in T); None: the default for
-        #: the model and batch size (`default_chunk_size`), decided when first traced.
-        self.chunk_size = None if chunk_size is None else min(chunk_size, self.num_tasks)
-        #: The Jacobian's storage (float32, or bfloat16 for half the memory).
-        self.jacobian_dtype = tf.as_dtype(jacobian_dtype)
         # Per-group aggregation: the columns of each group of shared variables (a layer, a
         # variable) are combined by that group's own method instance.
         self.groups = None
@@ -719,7 +716,8 @@ def gradient_source(*, method, gradient_mode: str, forward_for: Callable, tasks,
     """
     task_weights = tf.constant([t.weight for t in tasks], tf.float32)
     common = dict(tasks=tasks, method=method, strategy=strategy,
-                  model_variables=model_variables, micro_batches=micro_batches)
+                  model_variables=model_variables, micro_batches=micro_batches,
+                  chunk_size=jacobian_chunk_size, jacobian_dtype=jacobian_dtype)
     if isinstance(method, weighting_lib.LossWeighting):
         return WeightedGradients(LossDecision(method), forward=forward_for(False),
                                  shared_variables=(), **common)
@@ -732,15 +730,11 @@ def gradient_source(*, method, gradient_mode: str, forward_for: Callable, tasks,
     if scope_variables:
         return WeightedGradients(ScopeDecision(method, task_weights), forward=forward_for(False),
                                  shared_variables=shared_variables,
-                                 scope_variables=scope_variables,
-                                 chunk_size=jacobian_chunk_size, jacobian_dtype=jacobian_dtype,
-                                 **common)
+                                 scope_variables=scope_variables, **common)
     if gradient_mode == "rep":
         decision = (RepMaskDecision if method.rep_form == "masks" else RepDecision)(
             method, task_weights)
         return WeightedGradients(decision, forward=forward_for(True),
                                  shared_variables=shared_variables, **common)
     return JacobianRows(forward=forward_for(False), shared_variables=shared_variables,
-                        group_methods=group_methods, group_of=group_of,
-                        chunk_size=jacobian_chunk_size, jacobian_dtype=jacobian_dtype,
-                        **common)
+                        group_methods=group_methods, group_of=group_of, **common)
