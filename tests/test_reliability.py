@@ -95,10 +95,11 @@ def test_sigkill_then_rerun_gives_bitwise_the_same_weights(tmp_path, digits_data
         np.testing.assert_array_equal(resumed[name], value, err_msg=name)
 
 
-@pytest.mark.parametrize("method", ["famo", "nash_mtl", "moco"])
+@pytest.mark.parametrize("method", ["moco"])
 def test_sigkill_with_a_stateful_weighting_method(tmp_path, digits_data_dir, method):
-    """FAMO's logits and loss history, Nash-MTL's weights, MoCo's tracked gradients (a
-    [T, P] buffer created empty) and weights: resumed exactly too."""
+    """MoCo's tracked gradients (a [T, P] buffer created empty) and weights: resumed exactly
+    after a kill -9 too. FAMO and Nash-MTL resume in process, cheaper:
+    tests/test_weighting_training.py."""
     straight = str(tmp_path / "straight")
     run = subprocess.run(_command(straight, digits_data_dir, f"--weighting={method}"),
                          env=_env(), capture_output=True, text=True, timeout=300)

@@ -113,6 +113,25 @@ def test_method_state_is_checkpointed(tmp_path):
     np.testing.assert_array_equal(resumed.weighting.logits.numpy(), logits)
 
 
+@pytest.mark.parametrize("method", ["famo", "nash_mtl", "moco"])
+def test_a_stateful_method_resumed_from_its_checkpoint_goes_on_as_the_uninterrupted_run(
+        tmp_path, method):
+    """FAMO's logits, its loss history and its own optimizer, Nash-MTL's weights and MoCo's
+    tracked gradients (a [T, P] buffer created empty) and weights: 2 + 2 resumed steps end
+    where 4 steps end, bitwise (a kill -9 between them: tests/test_reliability.py)."""
+    straight = _trainer(method)
+    straight.fit(_data(), steps=4)
+    _trainer(method, model_dir=str(tmp_path), checkpoint_every=2).fit(_data(), steps=2)
+    resumed = _trainer(method, model_dir=str(tmp_path), checkpoint_every=2)
+    assert resumed.global_step == 2
+    resumed.fit(_data(), steps=4)
+    state = [v for v in resumed.weighting.variables]
+    assert state, f"{method} keeps no state"
+    for got, want in zip(state + resumed.model.weights,
+                         list(straight.weighting.variables) + straight.model.weights):
+        np.testing.assert_array_equal(got.numpy(), want.numpy(), err_msg=getattr(got, "path", got.name))
+
+
 def test_rep_mode_errors():
     with pytest.raises(ValueError, match=r"gradient_mode='rep' is not defined for weighting "
                                          r"'nash_mtl': the official code"):

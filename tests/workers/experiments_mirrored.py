@@ -1,5 +1,6 @@
-"""Runs every experiment script for 2 steps under `mirrored` on 2 logical CPU devices (TFDS
-datasets on mock data). Prints one JSON line per experiment. Run as a subprocess: logical
+"""Runs experiment scripts (argv[2], comma-separated; default: every one) for 2 steps under
+`mirrored` on 2 logical CPU devices (TFDS datasets on mock data). Prints one JSON line per
+experiment. Run as a subprocess: logical
 devices must be configured before TensorFlow initialises."""
 
 import json
@@ -22,7 +23,10 @@ TFDS_EXPERIMENTS = ("cifar100", "celeb_a", "smallnorb", "shapes3d")
 def main():
     data_dir = sys.argv[1]
     mirrored = dict(strategy="mirrored", cpu_replicas=2, batch_size=4)
-    for name in ("multi_digits", "multi_digits_overlap", "digits_mixture") + TFDS_EXPERIMENTS:
+    names = ("multi_digits", "multi_digits_overlap", "digits_mixture") + TFDS_EXPERIMENTS
+    if len(sys.argv) > 2:
+        names = sys.argv[2].split(",")
+    for name in names:
         script = experiment_scripts.load(name)
         with tempfile.TemporaryDirectory() as model_dir:
             if name in TFDS_EXPERIMENTS:
