@@ -118,6 +118,7 @@ class Trainer:
             self.options.granularity != "all"
             and isinstance(self.weighting, weighting_lib.GradientWeighting)) else None
         _check_gradient_mode(self.weighting, self.options.gradient_mode, model)
+        _check_jacobian_options(self.weighting, self.options)
         self._check_built_in_scope()
         self._to_unfreeze = self._freeze()
         with self.strategy.scope():
@@ -597,6 +598,28 @@ def _check_gradient_mode(method, mode: str, model) -> None:
     if getattr(model, "backbone", None) is None:
         raise UsageError("gradient_mode='rep' needs a MultiTaskModel built from a backbone and "
                          "heads (the shared representation is the backbone's output).")
+
+
+def _check_jacobian_options(method, options) -> None:
+    """jacobian_chunk_size and jacobian_dtype shape the per-task gradients of shared variables:
+    set with a method or a mode that computes none, they would be ignored. Refused, naming why."""
+    given = []
+    if options.jacobian_chunk_size is not None:
+        given.append(f"jacobian_chunk_size={options.jacobian_chunk_size}")
+    if options.jacobian_dtype != "float32":
+        given.append(f"jacobian_dtype={options.jacobian_dtype!r}")
+    if not given:
+        return
+    if not isinstance(method, weighting_lib.GradientWeighting):
+        raise UsageError(f"{' and '.join(given)} shape the per-task gradients of gradient-based "
+                         f"weighting methods; {method.name!r} is loss-based and computes none. "
+                         "Leave them unset, or use a gradient-based method.")
+    if options.gradient_mode == "rep":
+        raise UsageError(f"{' and '.join(given)} shape the per-task gradients of the shared "
+                         "variables (exact mode, or a jacobian_scope); gradient_mode='rep' "
+                         "computes them of the shared representation instead, one batched "
+                         "Jacobian [T, batch, features] in the features' dtype. Leave them "
+                         "unset, or use gradient_mode='exact'.")
 
 
 def _check_optimizer_clipping(optimizer, strategy) -> None:

@@ -1,6 +1,9 @@
 """The gradient sources' parts on their own: the decisions, the accumulators, the pre-pass."""
 
+import re
+
 import keras
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -138,6 +141,32 @@ def test_granularity_needs_a_gradient_method_in_exact_mode():
                                              "'uncertainty' is loss-based"):
         mtl.Trainer(model, [mtl.Task("a", loss="mse"), mtl.Task("b", loss="mse")],
                     optimizer="sgd", weighting="uncertainty", granularity="layer")
+
+
+@pytest.mark.parametrize("settings, weighting, mode, said", [
+    (dict(jacobian_chunk_size=2), "uncertainty", "exact",
+     "jacobian_chunk_size=2 shape the per-task gradients of gradient-based weighting methods; "
+     "'uncertainty' is loss-based and computes none"),
+    (dict(jacobian_dtype="bfloat16", jacobian_chunk_size=1), "equal", "exact",
+     "jacobian_chunk_size=1 and jacobian_dtype='bfloat16' shape the per-task gradients of "
+     "gradient-based weighting methods; 'equal' is loss-based"),
+    (dict(jacobian_dtype="bfloat16"), "mgda", "rep",
+     "jacobian_dtype='bfloat16' shape the per-task gradients of the shared variables (exact "
+     "mode, or a jacobian_scope); gradient_mode='rep' computes them of the shared "
+     "representation instead"),
+    (dict(jacobian_chunk_size=1), "imtl", "rep", "jacobian_chunk_size=1 shape"),
+])
+def test_jacobian_settings_that_would_be_ignored_are_refused(settings, weighting, mode, said):
+    """A chunk size or Jacobian dtype with a method or mode that computes no per-task gradients
+    of the shared variables would do nothing: refused before anything is built."""
+    model = mtl.MultiTaskModel(mtl.backbones.mlp((6,), widths=(4,)),
+                               {"a": mtl.heads.regression(1), "b": mtl.heads.regression(1)})
+    with pytest.raises(mtl.UsageError, match=re.escape(said)):
+        mtl.Trainer(model, [mtl.Task("a", loss="mse"), mtl.Task("b", loss="mse")],
+                    optimizer="sgd", weighting=weighting, gradient_mode=mode, **settings)
+    # The same settings with a gradient method in exact mode are taken.
+    mtl.Trainer(model, [mtl.Task("a", loss="mse"), mtl.Task("b", loss="mse")],
+                optimizer="sgd", weighting="mgda", **settings)
 
 
 def _chunk_run(chunk, weighting="upgrad", **settings):
