@@ -252,9 +252,10 @@ SELECTION_TEXT = {
 
 
 def markdown(comparison: dict, *, command: str, train_steps: int, eval_every: int,
-             plots: Sequence[str] = ()) -> str:
-    """report.md: the header (seeds, selection, steps, command), Δm with the paired tests,
-    the per-task table, the per-seed table and the plots (file names in the same folder)."""
+             plots: Sequence[str] = (), timing: Mapping | None = None) -> str:
+    """report.md: the header (seeds, selection, steps, command, run time and machine), Δm with
+    the paired tests, the per-task table, the per-seed table and the plots (file names in the
+    same folder). `timing`: scripts/compare.py's `run_time` (None: no run-time line)."""
     c = comparison
     seeds, confidence = c["seeds"], c["confidence"]
     pct = f"{confidence:.0%}"
@@ -264,6 +265,7 @@ def markdown(comparison: dict, *, command: str, train_steps: int, eval_every: in
              "and every method x architecture is trained once per seed.",
              f"- Steps: {train_steps} train steps per run, an evaluation every {eval_every} "
              "steps and at the end.",
+             *_timing_lines(timing),
              "- Selection: " + SELECTION_TEXT[c["select"]].format(steps=train_steps),
              f"- Statistics over seeds: mean ± std (ddof=1) and the {pct} Student-t interval "
              "of the mean (mean ± t · std / √n). Δm (%) is computed per seed against the same "
@@ -322,6 +324,19 @@ def markdown(comparison: dict, *, command: str, train_steps: int, eval_every: in
                   f"over seeds, the band its {pct} interval.", ""]
         lines += [f"![{p}]({p})" for p in curves]
     return "\n".join(lines) + "\n"
+
+
+def _timing_lines(timing: Mapping | None) -> list[str]:
+    if not timing or not timing.get("runs"):
+        return []
+    seconds, runs = timing["seconds"], timing["runs"]
+    at_once = " or ".join(map(str, timing["parallel"]))
+    text = (f"- Run time: {seconds / 3600:.2f} h ({seconds:.0f} s) of wall time summed over "
+            f"{runs} runs (each run's own, from logs/timings.jsonl; {at_once} at once), on "
+            f"{'; '.join(timing['machines'])}.")
+    if runs < timing["of_runs"]:
+        text += f" {timing['of_runs'] - runs} runs have no time record."
+    return [text]
 
 
 def _comparisons(c: dict) -> int:

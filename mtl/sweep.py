@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
+import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -192,6 +195,8 @@ def run_all(runs: Sequence[Run], *, parallel: int = 1, env: Mapping[str, str] | 
                 seconds = time.monotonic() - start
                 if status == 0:
                     say(f"<== {run.name}: done in {seconds:.0f} s")
+                    if log_dir is not None:
+                        record_time(log_dir, run.name, seconds, parallel)
                     continue
                 where = os.path.join(log_dir, f"{run.name}.log") if log_dir else None
                 failures.append(Failure(run.name, status, where))
@@ -213,6 +218,58 @@ def run_all(runs: Sequence[Run], *, parallel: int = 1, env: Mapping[str, str] | 
             if log is not None:
                 log.close()
     return failures
+
+
+TIMINGS = "timings.jsonl"
+
+
+@functools.lru_cache(maxsize=None)
+def machine() -> str:
+    """This machine in a few words: its CPU model and core count, and its GPUs (if any)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f
+                     if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    text = f"{os.cpu_count()} CPU cores ({cpu})"
+    gpus = []
+    if shutil.which("nvidia-smi") is not None:
+        try:
+            listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True,
+                                     timeout=60)
+            gpus = [line.split(":", 1)[1].split("(")[0].strip()
+                    for line in listing.stdout.splitlines() if line.startswith("GPU ")]
+        except (OSError, subprocess.SubprocessError, IndexError):
+            gpus = []
+    if gpus:
+        text += ", " + ", ".join(f"{gpus.count(g)} x {g}" for g in dict.fromkeys(gpus))
+    return text + ", " + platform.system()
+
+
+def record_time(log_dir: str, name: str, seconds: float, parallel: int) -> None:
+    """Appends a finished run's wall time to `<log_dir>/timings.jsonl` (one JSON line per run
+    and attempt: a resumed run's line counts its last part only)."""
+    line = {"run": name, "seconds": round(seconds, 1), "parallel": parallel,
+            "machine": machine(), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    with open(os.path.join(log_dir, TIMINGS), "a") as f:
+        f.write(json.dumps(line) + "\n")
+
+
+def read_times(log_dir: str) -> dict:
+    """{run: [line, ...]} from `<log_dir>/timings.jsonl` (empty when there is none)."""
+    times = {}
+    try:
+        with open(os.path.join(log_dir, TIMINGS)) as f:
+            for text in f:
+                if text.strip():
+                    line = json.loads(text)
+                    times.setdefault(line["run"], []).append(line)
+    except FileNotFoundError:
+        pass
+    return times
 
 
 def _start(run: Run, slot: int, env: dict, log_dir: str | None, parallel: int,

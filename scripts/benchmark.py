@@ -81,10 +81,14 @@ SWEEP_VARIANTS = {
     "equal": "equal weighting",
     "exact/unchunked": "exact mode, one batched Jacobian of all tasks",
     "exact/chunked": "exact mode, the default task chunks",
+    "exact/backward": "exact mode's Gramian (every shared layer) with the weights applied by "
+                      "one more backward pass (the partial-Jacobian path at full scope)",
     "partial": "partial Jacobians (one variant partial/<scope> per --sweep_scope)",
     "rep": "rep mode (the Gramian of the representation's gradients)",
 }
 
+#: A jacobian_scope "top:N" beyond any model's shared layers.
+ALL_LAYERS = 10 ** 6
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("backbone", "small_cnn", sorted(mtl.backbones.BUILDERS), "Backbone builder.")
 flags.DEFINE_list("tasks", list(TASKS), "multi_digits tasks.")
@@ -286,6 +290,9 @@ def sweep_settings(variant: str, num_tasks: int) -> dict:
     return {"equal": {},
             "exact/unchunked": dict(method, jacobian_chunk_size=num_tasks),
             "exact/chunked": dict(method, jacobian_chunk_size=FLAGS.sweep_chunk_size),
+            # top:N past the model's shared layers: the scope is every one of them.
+            "exact/backward": dict(method, jacobian_scope=f"top:{ALL_LAYERS}",
+                                   jacobian_chunk_size=FLAGS.sweep_chunk_size),
             "rep": dict(method, gradient_mode="rep")}[variant]
 
 

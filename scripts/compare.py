@@ -188,17 +188,29 @@ def write_report(args, protocol: comparison.Protocol, config, command: str) -> i
         from mtl import comparison_plots
 
         plots = comparison_plots.write_plots(result, args.out)
+    timing = run_time(args.out, [name for name, _ in comparison.run_settings(protocol)])
     text = comparison.markdown(result, command=command, train_steps=config.train_steps,
-                               eval_every=config.eval_every, plots=plots)
+                               eval_every=config.eval_every, plots=plots, timing=timing)
     with open(os.path.join(args.out, "report.md"), "w") as f:
         f.write(text)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"command": command, "train_steps": config.train_steps,
-                   "eval_every": config.eval_every, **result}, f, indent=2)
+                   "eval_every": config.eval_every, "run_time": timing, **result}, f, indent=2)
     print(text)
     print("Wrote " + ", ".join(os.path.join(args.out, n)
                                for n in ["report.md", "results.json", *plots]))
     return 0
+
+
+def run_time(out: str, names) -> dict:
+    """The runs' wall time from OUT/logs/timings.jsonl: summed over runs (and over the parts of
+    a resumed run), with the machines and how many runs shared them at once."""
+    times = sweep.read_times(os.path.join(out, "logs"))
+    lines = [line for name in names for line in times.get(name, [])]
+    return {"seconds": round(sum(line["seconds"] for line in lines), 1),
+            "runs": sum(name in times for name in names), "of_runs": len(names),
+            "parallel": sorted({line["parallel"] for line in lines}),
+            "machines": sorted({line["machine"] for line in lines})}
 
 
 def main(argv=None) -> int:

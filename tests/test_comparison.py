@@ -324,6 +324,17 @@ def test_protocol_end_to_end_statistics_equal_a_hand_computation(sweep_dir):
         assert f"![{plot}]({plot})" in text
         assert (out / plot).read_bytes()[:4] == b"\x89PNG"
     assert "--parallel=2 -- --backbone=mlp --train_steps=4" in text  # The full command.
+    # Each run's wall time, summed, and the machine.
+    timings = [json.loads(line) for line in (out / "logs" / "timings.jsonl").read_text()
+               .splitlines()]
+    assert sorted(t["run"] for t in timings) == sorted(RUNS)
+    assert all(t["seconds"] > 0 and t["parallel"] == 2 for t in timings)
+    total = sum(t["seconds"] for t in timings)
+    assert results["run_time"]["seconds"] == pytest.approx(total, abs=0.2)
+    assert results["run_time"]["runs"] == results["run_time"]["of_runs"] == 8
+    assert f"- Run time: {total / 3600:.2f} h ({total:.0f} s) of wall time summed over 8 " \
+           f"runs (each run's own, from logs/timings.jsonl; 2 at once), on " \
+           f"{os.cpu_count()} CPU cores" in text
 
 
 def _tensorboard(model_dir, split):
