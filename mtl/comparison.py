@@ -18,7 +18,7 @@ Statistics (mtl.stats), over seeds: per task and metric the mean, std (ddof=1) a
 interval; Δm of each run PER SEED against the same seed's baselines (mtl.report.delta_m), then
 its mean, std and interval; each method against `equal` (same architecture, same seeds): the
 paired differences of Δm, their interval and the two-sided paired t-test, "better"/"worse" only
-where p < 0.05.
+where p < 0.05; likewise each soft-sharing architecture against `hps` with the same method.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from mtl.config import UsageError
 
 SELECTIONS = ("final", "best_val")
 REFERENCE = "equal"
+REFERENCE_ARCHITECTURE = "hps"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,12 +176,18 @@ def compare(protocol: Protocol, runs: Mapping[str, report.RunLogs],
                            for task in protocol.tasks},
             "delta_m": stats.summarize(deltas[architecture, method], confidence).to_json()})
     for entry in entries:
+        own = deltas[entry["architecture"], entry["method"]]
         key = (entry["architecture"], REFERENCE)
         if entry["method"] != REFERENCE and key in deltas:
-            paired = stats.paired_comparison(deltas[entry["architecture"], entry["method"]],
-                                             deltas[key], confidence)
+            paired = stats.paired_comparison(own, deltas[key], confidence)
             entry["vs_equal"] = {**paired.to_json(),
                                  "verdict": VERDICTS[paired.significant(alpha)]}
+        # A soft-sharing architecture against hard sharing, the same method and seeds.
+        key = (REFERENCE_ARCHITECTURE, entry["method"])
+        if entry["architecture"] != REFERENCE_ARCHITECTURE and key in deltas:
+            paired = stats.paired_comparison(own, deltas[key], confidence)
+            entry["vs_hps"] = {**paired.to_json(),
+                               "verdict": ARCHITECTURE_VERDICTS[paired.significant(alpha)]}
     return {
         "experiment": protocol.experiment, "tasks": list(protocol.tasks),
         "methods": list(protocol.methods), "architectures": list(protocol.architectures),
@@ -201,6 +208,8 @@ def compare(protocol: Protocol, runs: Mapping[str, report.RunLogs],
 
 VERDICTS = {1: "better than equal weighting", -1: "worse than equal weighting",
             0: "no significant difference"}
+ARCHITECTURE_VERDICTS = {1: "better than hps", -1: "worse than hps",
+                         0: "no significant difference"}
 
 
 def _metric_summaries(tables: Sequence[Mapping[str, float]], confidence: float) -> dict:
@@ -294,6 +303,20 @@ def markdown(comparison: dict, *, command: str, train_steps: int, eval_every: in
         lines.append(f"| {entry['method']} | {entry['architecture']} | "
                      f"{_mean_std(d, '+.2f')} | {_interval(d)} | " + " | ".join(paired) + " |")
     lines += _plot_lines(plots, "delta_m")
+    against_hps = [e for e in c["entries"] if "vs_hps" in e]
+    if against_hps:
+        lines += ["", f"## Architectures against `{REFERENCE_ARCHITECTURE}`", "",
+                  f"Each architecture's Δm minus `{REFERENCE_ARCHITECTURE}`'s with the same "
+                  f"method on the same seeds: the mean difference [{pct} CI] and the paired "
+                  "t-test.", "",
+                  f"| method | architecture | vs `{REFERENCE_ARCHITECTURE}`: mean difference "
+                  f"[{pct} CI] | p | verdict |", "| --- | --- | ---: | ---: | --- |"]
+        for entry in against_hps:
+            vs = entry["vs_hps"]
+            diff = vs["differences"]
+            lines.append(f"| {entry['method']} | {entry['architecture']} | "
+                         f"{diff['mean']:+.2f} {_interval(diff)} | {_p(vs['p_value'])} | "
+                         f"{vs['verdict']} |")
     lines += ["", "## Per task", "",
               f"Test metrics at the selected step: mean ± std [{pct} CI] over seeds; Δ (%) is "
               "the task's relative gain over the same seed's baseline (its term of Δm).", ""]
@@ -340,7 +363,7 @@ def _timing_lines(timing: Mapping | None) -> list[str]:
 
 
 def _comparisons(c: dict) -> int:
-    return sum("vs_equal" in e for e in c["entries"])
+    return sum(("vs_equal" in e) + ("vs_hps" in e) for e in c["entries"])
 
 
 def _plot_lines(plots: Sequence[str], prefix: str) -> list[str]:

@@ -145,6 +145,39 @@ def test_the_report_states_the_protocol_and_gives_verdicts_only_where_significan
     assert "| single-task | 0.7500 ± 0.0500 [0.6258, 0.8742] |" in text
 
 
+def test_an_architecture_is_compared_with_hps_under_the_same_method_and_seeds():
+    protocol = comparison.Protocol("exp", ("a", "b"), ("equal", "mgda"), ("hps", "mmoe"),
+                                   (0, 1, 2))
+    gains = {("hps", "equal"): [(1, 1), (0, 2), (2, 0)],
+             ("hps", "mgda"): [(0, 0), (1, 1), (0, 2)],
+             ("mmoe", "equal"): [(3, 3), (2, 4), (4, 3)],
+             ("mmoe", "mgda"): [(5, -5), (0, 0), (1, 0)]}
+    runs = {}
+    for seed in protocol.seeds:
+        for task in ("a", "b"):
+            runs[comparison.stl_run_name(task, seed)] = _logs("stl", {4: {task: _STL[seed][task]}})
+        for (architecture, method), per_seed in gains.items():
+            runs[comparison.mtl_run_name(architecture, method, seed)] = _logs(
+                method, {4: _mtl(seed, *per_seed[seed])})
+    result = comparison.compare(protocol, runs)
+    entries = {(e["architecture"], e["method"]): e for e in result["entries"]}
+    assert "vs_hps" not in entries["hps", "equal"] and "vs_hps" not in entries["hps", "mgda"]
+    delta = {key: [(ga + gb) / 2 for ga, gb in per_seed] for key, per_seed in gains.items()}
+    d = np.subtract(delta["mmoe", "equal"], delta["hps", "equal"])  # 2, 2, 2.5
+    vs = entries["mmoe", "equal"]["vs_hps"]
+    assert vs["differences"]["values"] == pytest.approx(list(d))
+    assert vs["t"] == pytest.approx(d.mean() / (d.std(ddof=1) / math.sqrt(3)))
+    assert vs["verdict"] == "better than hps"
+    assert entries["mmoe", "mgda"]["vs_hps"]["verdict"] == "no significant difference"
+    # mmoe's methods are still paired with mmoe's equal.
+    assert entries["mmoe", "mgda"]["vs_equal"]["differences"]["values"] == pytest.approx(
+        list(np.subtract(delta["mmoe", "mgda"], delta["mmoe", "equal"])))
+    text = comparison.markdown(result, command="c", train_steps=4, eval_every=2)
+    assert "## Architectures against `hps`" in text
+    assert f"| equal | mmoe | {d.mean():+.2f} [" in text and "| better than hps |" in text
+    assert "not corrected for multiple comparisons (4 here" in text
+
+
 def test_compare_refuses_runs_of_other_lengths():
     protocol = comparison.Protocol("exp", ("a",), ("equal",), ("hps",), (0, 1))
     runs = {"stl_a_s0": _logs("s", {4: {"a": {"accuracy": 0.5}}}),

@@ -129,7 +129,8 @@ def test_a_stateful_method_resumed_from_its_checkpoint_goes_on_as_the_uninterrup
     assert state, f"{method} keeps no state"
     for got, want in zip(state + resumed.model.weights,
                          list(straight.weighting.variables) + straight.model.weights):
-        np.testing.assert_array_equal(got.numpy(), want.numpy(), err_msg=getattr(got, "path", got.name))
+        np.testing.assert_array_equal(got.numpy(), want.numpy(),
+                                      err_msg=getattr(got, "path", got.name))
 
 
 def test_rep_mode_errors():
