@@ -68,8 +68,12 @@ def make_experiment(*, mode: str = "tasks", image_size: int = celeb_a.DEFAULT_IM
                             tasks=task_names, mode=mode, image_size=image_size,
                             data_dir=config.data_dir)
 
-    return experiment.Experiment(name="celeb_a", tasks=build_tasks, model=build_model,
-                                 train_data=train_data, eval_data=eval_data)
+    return experiment.Experiment(
+        name="celeb_a", tasks=build_tasks, model=build_model, train_data=train_data,
+        eval_data=eval_data,
+        settings={"celeb_a_mode": mode, "celeb_a_image_size": image_size,
+                  "celeb_a_eval_split": eval_split, "celeb_a_landmarks_weight": landmarks_weight},
+        free_settings=("celeb_a_eval_split",))
 
 
 EXPERIMENT = make_experiment()

@@ -52,6 +52,7 @@ def make_experiment(*, augment: bool = True) -> experiment.Experiment:
                              tasks=task_names, data_dir=config.data_dir)
 
     return experiment.Experiment(name="cifar100", tasks=build_tasks, model=build_model,
+                                 settings={"cifar100_augment": augment},
                                  train_data=train_data, eval_data=eval_data)
 
 

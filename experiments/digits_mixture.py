@@ -96,7 +96,8 @@ def make_experiment(*, rates="proportional", sum_examples: int = 3000) -> experi
                                  tasks=task_names, data_dir=config.data_dir)
 
     return experiment.Experiment(name="digits_mixture", tasks=build_tasks, model=build_model,
-                                 train_data=train_data, eval_data=eval_data)
+                                 train_data=train_data, eval_data=eval_data,
+                                 settings={"mixture_rates": rates, "sum_examples": sum_examples})
 
 
 EXPERIMENT = make_experiment()

@@ -57,6 +57,7 @@ def make_experiment(*, mode: str = "classification") -> experiment.Experiment:
                              data_dir=config.data_dir)
 
     return experiment.Experiment(name="shapes3d", tasks=build_tasks, model=build_model,
+                                 settings={"shapes3d_mode": mode},
                                  train_data=train_data, eval_data=eval_data)
 
 

@@ -59,6 +59,8 @@ def make_experiment(*, image_size: int = 48, stereo: bool = False) -> experiment
                               image_size=image_size, stereo=stereo)
 
     return experiment.Experiment(name="smallnorb", tasks=build_tasks, model=build_model,
+                                 settings={"smallnorb_image_size": image_size,
+                                           "smallnorb_stereo": stereo},
                                  train_data=train_data, eval_data=eval_data)
 
 

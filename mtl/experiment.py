@@ -10,7 +10,7 @@ import dataclasses
 import inspect
 import json
 import os
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import keras
 import tensorflow as tf
@@ -44,6 +44,10 @@ class Experiment:
         (each `eval_every` steps and the final one) also evaluates it: TensorBoard
         `validation/`, and results.json's "validation" beside its "results". Model selection
         (scripts/compare.py --select=best_val) reads it, never the test data.
+      settings: the experiment's own settings (its script's flags, e.g. {"celeb_a_mode":
+        "tasks"}), JSON values: recorded in config.json under "experiment_settings"; a resume
+        with one of them changed is refused (they shape the tasks, the model or the data),
+        except those in `free_settings` (e.g. which split to evaluate on).
     """
 
     name: str
@@ -52,6 +56,8 @@ class Experiment:
     train_data: Callable[..., tf.data.Dataset]
     eval_data: Callable[[Config, Sequence[str]], tf.data.Dataset]
     validation_data: Callable[[Config, Sequence[str]], tf.data.Dataset] | None = None
+    settings: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    free_settings: tuple = ()
 
 
 def distributed_train_data(experiment: Experiment, config: Config, task_names,
@@ -113,6 +119,8 @@ def takes_input_context(train_data: Callable) -> bool:
 
 
 CONFIG_RECORD = "config.json"
+#: The key of config.json that records `Experiment.settings`.
+SETTINGS_RECORD = "experiment_settings"
 
 
 def check_run_record(experiment: Experiment, config: Config, model_dir: str) -> dict:
@@ -125,13 +133,25 @@ def check_run_record(experiment: Experiment, config: Config, model_dir: str) -> 
     if recorded.get("experiment") != experiment.name:
         raise UsageError(f"{model_dir} holds a run of experiment {recorded.get('experiment')!r}, "
                          f"not {experiment.name!r}; use another --model_dir.")
-    recorded = {k: v for k, v in recorded.items() if k != "experiment"}
+    settings = recorded.get(SETTINGS_RECORD)
+    recorded = {k: v for k, v in recorded.items() if k not in ("experiment", SETTINGS_RECORD)}
     # A setting added after the run was made had its default then (e.g. --architecture=hps).
     defaults = dataclasses.asdict(Config())
     recorded = {**{k: v for k, v in defaults.items() if k not in recorded}, **recorded}
-    return run_record.check(recorded, config.to_json(), free=Config.FREE_TO_CHANGE,
-                            allowed=config.allow_config_change, where=model_dir,
-                            option="--allow_config_change")
+    changes = run_record.check(recorded, config.to_json(), free=Config.FREE_TO_CHANGE,
+                               allowed=config.allow_config_change, where=model_dir,
+                               option="--allow_config_change")
+    if settings is None:  # Recorded before experiments' own settings were.
+        return changes
+    own = run_record.differences(settings, dict(experiment.settings))
+    refused = [f for f in own if f not in experiment.free_settings]
+    if refused:
+        lines = "; ".join(f"--{f}: {own[f][0]!r} in the run, {own[f][1]!r} now" for f in refused)
+        raise UsageError(f"{model_dir} holds a run of experiment {experiment.name!r} made with "
+                         f"other settings of its own ({lines}). These shape its tasks, model or "
+                         "data, so resuming with them changed is refused (nothing was loaded). "
+                         "Use the run's settings or another --model_dir.")
+    return {**changes, **own}
 
 
 def select_tasks(available: Sequence[Task], wanted: Sequence[str] | None) -> list[Task]:
@@ -185,7 +205,8 @@ def train_and_evaluate(experiment: Experiment, config: Config) -> dict:
                           options=config.trainer_options())
     if trainer.is_chief:
         run_record.write_once(os.path.join(model_dir, CONFIG_RECORD),
-                              {"experiment": experiment.name, **config.to_json()})
+                              {"experiment": experiment.name, **config.to_json(),
+                               SETTINGS_RECORD: dict(experiment.settings)})
         run_record.append_history(model_dir, CONFIG_RECORD, changes, trainer.global_step)
     if trainer.global_step >= config.train_steps:
         logging.info("%s already holds a run at step %d >= --train_steps=%d: evaluating only. "

@@ -118,6 +118,8 @@ def is_complete(model_dir: str, experiment: str, config: Config, *,
         return False
     if recorded.pop("experiment", None) != experiment:
         return False
+    # The experiment's own settings: checked by the experiment when the run resumes.
+    recorded.pop("experiment_settings", None)
     changes = run_record.differences(recorded, config.to_json())
     return not [f for f in changes if f not in Config.FREE_TO_CHANGE]
 

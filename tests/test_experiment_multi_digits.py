@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -121,6 +122,43 @@ def test_single_task_baseline_in_process(tmp_path, digits_data_dir):
         experiment.train_and_evaluate(
             _load_experiment(), flags.Config(model_dir=str(tmp_path / "x"), tasks=("middle",),
                                              data_dir=digits_data_dir))
+
+
+def test_an_experiments_own_settings_are_recorded_and_a_changed_one_is_refused(
+        tmp_path, digits_data_dir):
+    """Settings of an experiment's own (its script's flags) are recorded in config.json; a
+    resume with one changed is refused before anything is loaded, one marked free (which split
+    to evaluate on) goes into the run's history; a run recorded before they were resumes."""
+    import dataclasses
+
+    base = _load_experiment()
+    made = dataclasses.replace(base, settings={"image_size": 32, "eval_split": "validation"},
+                               free_settings=("eval_split",))
+    config = flags.Config(model_dir=str(tmp_path), data_dir=digits_data_dir, train_steps=2,
+                          eval_every=2, checkpoint_every=2, batch_size=16, eval_steps=1,
+                          tasks=("left",))
+    experiment.train_and_evaluate(made, config)
+    record = json.loads((tmp_path / "config.json").read_text())
+    assert record["experiment_settings"] == {"image_size": 32, "eval_split": "validation"}
+    resumed = dataclasses.replace(config, train_steps=3)
+    checkpoints = sorted(os.listdir(tmp_path / "checkpoints"))
+    with pytest.raises(UsageError, match=re.escape(
+            f"{tmp_path} holds a run of experiment 'multi_digits' made with other settings of "
+            "its own (--image_size: 32 in the run, 48 now). These shape its tasks, model or "
+            "data, so resuming with them changed is refused (nothing was loaded).")):
+        experiment.train_and_evaluate(dataclasses.replace(
+            made, settings={"image_size": 48, "eval_split": "validation"}), resumed)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == checkpoints
+    experiment.train_and_evaluate(dataclasses.replace(
+        made, settings={"image_size": 32, "eval_split": "test"}), resumed)
+    history = json.loads((tmp_path / "config_history.json").read_text())
+    assert history[-1]["changes"]["eval_split"] == {"from": "validation", "to": "test"}
+    # A record without experiment settings (an older run) resumes whatever they are.
+    del record["experiment_settings"]
+    (tmp_path / "config.json").write_text(json.dumps(record))
+    experiment.train_and_evaluate(dataclasses.replace(
+        made, settings={"image_size": 64, "eval_split": "test"}),
+        dataclasses.replace(config, train_steps=4))
 
 
 def _first_images(ds, n):
