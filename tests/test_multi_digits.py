@@ -1,5 +1,6 @@
 import hashlib
 import itertools
+import os
 import random
 
 import keras
@@ -9,7 +10,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 import mtl  # noqa: F401  (registers multi_digits)
-from mtl.data import multi_digits
+from mtl.data import multi_digits, pipeline
 
 
 def _take(split, n, variant="side_by_side"):
@@ -244,3 +245,35 @@ def test_preparing_the_dataset_leaves_the_random_state_untouched(tmp_path):
     np.testing.assert_array_equal(keys, untouched[1][1])
     np.testing.assert_array_equal(prepared[2], untouched[2])
     np.testing.assert_array_equal(prepared[3], untouched[3])
+
+
+def test_processes_preparing_the_dataset_at_once_take_turns(tmp_path):
+    """Runs of a sweep started together (scripts/compare.py --parallel=2) prepare the dataset
+    at once: each would write its own temporary folder, and all but the first fail when the
+    first renames its own into place. They take turns on a lock in the data folder."""
+    import subprocess
+    import sys
+
+    data_dir = str(tmp_path / "data")
+    code = ("import mtl; from mtl.data import multi_digits; "
+            f"multi_digits.load('test', batch_size=8, training=False, data_dir={data_dir!r}, "
+            "variant='overlap'); print('loaded')")
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0 and "loaded" in stdout, stderr[-3000:]
+    builder = tfds.builder("multi_digits/overlap", data_dir=data_dir)
+    assert builder.is_prepared()
+    # The lock is exclusive across processes while one holds it.
+    with pipeline.preparation_lock(builder):
+        lock = os.path.join(data_dir, ".multi_digits.overlap.lock")
+        probe_code = ("import fcntl, sys; f = open(sys.argv[1], 'a')\n"
+                      "try:\n    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+                      "except OSError:\n    print('held')")
+        probe = subprocess.run([sys.executable, "-c", probe_code, lock], capture_output=True,
+                               text=True, timeout=60)
+        assert probe.stdout.strip() == "held", probe.stderr
+        with pipeline.preparation_lock(builder):  # Re-entered in the same process: no wait.
+            pass

@@ -158,8 +158,9 @@ class MultiDigits(tfds.core.GeneratorBasedBuilder):
     DEFAULT_BUILDER_CONFIG_NAME = "side_by_side"
 
     def download_and_prepare(self, *args, **kwargs):
-        # TFDS draws from Python's global `random` while preparing (see preserved_random_state).
-        with pipeline.preserved_random_state():
+        # TFDS draws from Python's global `random` while preparing (see preserved_random_state);
+        # processes preparing it at once take turns (see preparation_lock).
+        with pipeline.preparation_lock(self), pipeline.preserved_random_state():
             return super().download_and_prepare(*args, **kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -210,6 +211,7 @@ def load(split: str, *, batch_size: int, training: bool, tasks=TASKS, data_dir=N
     # order: the same stream a cached pipeline gives, without the cache's warning when a short
     # run stops mid-epoch.
     part = pipeline.input_part(split, input_context)
+    pipeline.prepare(f"{NAME}/{variant}", data_dir)  # Processes at once take turns.
     features = tfds.as_numpy(tfds.load(f"{NAME}/{variant}", split=part, data_dir=data_dir,
                                        shuffle_files=False, batch_size=-1))
     ds = tf.data.Dataset.from_tensor_slices(features)

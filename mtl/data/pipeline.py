@@ -17,6 +17,7 @@ under XLA, which ignores the seeds of stateful random ops).
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import re
 import socket
@@ -108,6 +109,55 @@ def preserved_random_state() -> Iterator[None]:
         np.random.set_state(numpy_state)
 
 
+@contextlib.contextmanager
+def preparation_lock(builder) -> Iterator[None]:
+    """Held while `builder`'s dataset is prepared, so that processes preparing the same dataset
+    at once (runs of a sweep started together, local workers) take turns: the first prepares,
+    the others then find it prepared. Without it, each writes its own temporary folder and all
+    but the first fail when the first renames its own into place. An exclusive `flock` on
+    `<data_dir>/<name>.<config>.lock` (a local folder; elsewhere, e.g. gs://, no lock)."""
+    root = str(builder.data_dir_root)
+    try:
+        import fcntl
+    except ImportError:  # Not on POSIX: no lock.
+        fcntl = None
+    if fcntl is None or "://" in root:
+        yield
+        return
+    os.makedirs(root, exist_ok=True)
+    config = getattr(builder.builder_config, "name", None)
+    path = os.path.join(root, f".{builder.name}{'.' + config if config else ''}.lock")
+    if path in _HELD_LOCKS:  # Re-entered in this process (flock would wait on itself).
+        yield
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        _HELD_LOCKS.add(path)
+        try:
+            yield
+        finally:
+            _HELD_LOCKS.discard(path)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+_HELD_LOCKS: set = set()
+
+
+def prepare(name: str, data_dir=None):
+    """The TFDS builder of `name` in `data_dir`, its dataset downloaded and prepared if it was
+    not: under `preparation_lock`, with a builder made inside the lock (one made before would
+    not see what another process prepared meanwhile), leaving the global random state as it was
+    (`preserved_random_state`)."""
+    builder = tfds.builder(name, data_dir=data_dir)
+    if builder.is_prepared():
+        return builder
+    with preparation_lock(builder):
+        builder = tfds.builder(name, data_dir=data_dir)
+        with preserved_random_state():
+            builder.download_and_prepare()
+    return builder
+
+
 def input_part(split: str, input_context: tf.distribute.InputContext | None):
     """The part of the TFDS `split` that one input pipeline reads (`split` itself when there is
     one pipeline or no context).
@@ -139,7 +189,8 @@ def load_tfds(name: str, split: str, *, data_dir: str | None = None, shuffle_fil
     `{data_dir}` replaced by the data folder.
     `shuffle_files` with `seed` reads the files in a seeded order (for training).
     `input_context` (several input pipelines): only this pipeline's part (`input_part`).
-    Preparing leaves the process's global random state as it was (`preserved_random_state`).
+    Preparing leaves the process's global random state as it was (`preserved_random_state`);
+    processes preparing the same dataset at once take turns (`prepare`).
     """
     builder = tfds.builder(name, data_dir=data_dir)
     if download and not builder.is_prepared() and downloads_for_real(builder):
@@ -152,8 +203,7 @@ def load_tfds(name: str, split: str, *, data_dir: str | None = None, shuffle_fil
                 how_to_provide, download))
     if download:
         try:
-            with preserved_random_state():
-                builder.download_and_prepare()
+            builder = prepare(name, data_dir)
         except Exception as error:  # noqa: BLE001  Any failure here means "data not available".
             raise DatasetUnavailableError(
                 _unavailable_message(builder, name, error, how_to_provide, download)) from None
