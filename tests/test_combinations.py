@@ -21,15 +21,12 @@ Two processes (one per core): one device, and 2 mirrored replicas.
 """
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 import mtl
+import worker_processes
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 METHODS = sorted(mtl.weighting.METHODS)
 REP_METHODS = sorted(name for name, cls in mtl.weighting.METHODS.items()
                      if getattr(cls, "supports_rep", False))
@@ -120,18 +117,10 @@ CASES_MIRRORED = _cases_mirrored()
 
 @pytest.fixture(scope="module")
 def results():
-    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "workers",
-                                                            "combination_matrix.py"),
-                               where, json.dumps(cases)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
-             for where, cases in (("one", CASES_ONE), ("mirrored", CASES_MIRRORED))]
-    lines = []
-    for proc in procs:
-        stdout, stderr = proc.communicate(timeout=1200)
-        assert proc.returncode == 0, stderr[-4000:]
-        lines += [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
-    return lines
+    return worker_processes.json_lines(
+        "combination_matrix.py", [[where, json.dumps(cases)] for where, cases in
+                                  (("one", CASES_ONE), ("mirrored", CASES_MIRRORED))],
+        timeout=1200, log_level="3")
 
 
 def _name(r):

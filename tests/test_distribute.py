@@ -6,6 +6,7 @@ import sys
 import pytest
 
 import mtl
+import worker_processes
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -67,17 +68,9 @@ def test_every_experiment_runs_under_mirrored_on_two_cpus(digits_data_dir):
     # Two processes, half of the experiments each, to use both cores.
     halves = ["multi_digits,digits_mixture,celeb_a,shapes3d",
               "multi_digits_overlap,cifar100,smallnorb"]
-    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "workers",
-                                                            "experiments_mirrored.py"),
-                               digits_data_dir, half], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
-             for half in halves]
-    lines = []
-    for proc in procs:
-        stdout, stderr = proc.communicate(timeout=600)
-        assert proc.returncode == 0, stderr[-4000:]
-        lines += [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    lines = worker_processes.json_lines("experiments_mirrored.py",
+                                        [[digits_data_dir, half] for half in halves],
+                                        timeout=600)
     scripts = sorted(f[:-3] for f in os.listdir(os.path.join(os.path.dirname(HERE),
                                                              "experiments"))
                      if f.endswith(".py"))

@@ -6,10 +6,6 @@ combination matrix (tests/test_combinations.py, a small model); here a represent
 convolutional model: methods that draw random numbers (rlw, pcgrad, graddrop), that keep state
 (famo, moco, uncertainty's variables) and a Gramian method in both modes (mgda)."""
 
-import json
-import os
-import subprocess
-import sys
 
 import keras
 import numpy as np
@@ -17,8 +13,8 @@ import pytest
 import tensorflow as tf
 
 import mtl
+import worker_processes
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 STEPS = 20
 REAL_MODEL_METHODS = ("famo", "graddrop", "mgda", "moco", "pcgrad", "rlw", "uncertainty")
 
@@ -28,18 +24,9 @@ def runs(digits_data_dir):
     # Two worker processes, half of the methods each, to use both cores.
     methods = sorted(REAL_MODEL_METHODS)
     halves = [methods[0::2], methods[1::2]]
-    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "workers",
-                                                            "weighting_mirrored.py"),
-                               digits_data_dir, str(STEPS), ",".join(half)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
-             for half in halves]
-    lines = []
-    for proc in procs:
-        stdout, stderr = proc.communicate(timeout=900)
-        assert proc.returncode == 0, stderr[-4000:]
-        lines += [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
-    return lines
+    return worker_processes.json_lines(
+        "weighting_mirrored.py", [[digits_data_dir, str(STEPS), ",".join(half)]
+                                  for half in halves], timeout=900)
 
 
 def test_every_method_runs_in_exact_and_where_possible_rep_mode(runs):
