@@ -234,14 +234,17 @@ def test_run_baselines_plans_one_run_per_task_then_the_multi_task_run():
 def test_run_baselines_end_to_end(tmp_path, digits_data_dir):
     run = subprocess.run(
         [sys.executable, os.path.join(ROOT, "scripts", "run_baselines.py"),
-         "--experiment=multi_digits", f"--out={tmp_path}", "--tasks=left", "--",
+         "--experiment=multi_digits", f"--out={tmp_path}", "--tasks=left", "--parallel=2", "--",
          f"--data_dir={digits_data_dir}", "--backbone=mlp", "--train_steps=2", "--eval_every=2",
          "--checkpoint_every=2", "--batch_size=8", "--eval_steps=1"],
         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": ROOT},
         capture_output=True, text=True, timeout=400)
     assert run.returncode == 0, run.stderr[-3000:]
-    # One task keeps the test short: the MTL run then trains that task alone too.
-    assert sorted(os.listdir(tmp_path)) == ["mtl", "report", "stl_left"]
+    # One task keeps the test short: the MTL run then trains that task alone too. The two
+    # runs train at once, each writing its output to logs/.
+    assert sorted(os.listdir(tmp_path)) == ["logs", "mtl", "report", "stl_left"]
+    assert {"mtl.log", "stl_left.log"} <= set(os.listdir(tmp_path / "logs"))
+    assert "step 2" in (tmp_path / "logs" / "mtl.log").read_text()
     for name in ("stl_left", "mtl"):
         assert json.loads((tmp_path / name / "results.json").read_text())["step"] == 2
     assert (tmp_path / "report" / "report.md").exists()

@@ -115,6 +115,9 @@ def test_run_baselines_refuses_flags_it_sets_itself_before_training(tmp_path, ca
     (tmp_path / "file").write_text("x")
     assert script.main(["--experiment=multi_digits", f"--out={tmp_path / 'file'}"]) == 2
     assert "lies under the file" in capsys.readouterr().err
+    assert script.main(["--experiment=multi_digits", f"--out={tmp_path / 'out'}",
+                        "--parallel=0"]) == 2
+    assert "error: --parallel=0: expected an int >= 1." in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
