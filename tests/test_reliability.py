@@ -100,10 +100,11 @@ def test_sigkill_with_a_stateful_weighting_method(tmp_path, digits_data_dir, met
     """MoCo's tracked gradients (a [T, P] buffer created empty) and weights: resumed exactly
     after a kill -9 too. FAMO and Nash-MTL resume in process, cheaper:
     tests/test_weighting_training.py."""
+    # The uninterrupted run trains at the same time, on the other core.
     straight = str(tmp_path / "straight")
-    run = subprocess.run(_command(straight, digits_data_dir, f"--weighting={method}"),
-                         env=_env(), capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
+    straight_log = open(tmp_path / "straight.log", "w")  # not a pipe: nobody reads it yet
+    straight_proc = subprocess.Popen(_command(straight, digits_data_dir, f"--weighting={method}"),
+                                     env=_env(), stdout=straight_log, stderr=subprocess.STDOUT)
     model_dir = str(tmp_path / "run")
     command = _command(model_dir, digits_data_dir, f"--weighting={method}")
     proc = subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE,
@@ -112,6 +113,9 @@ def test_sigkill_with_a_stateful_weighting_method(tmp_path, digits_data_dir, met
     time.sleep(0.5)  # past the checkpoint, into the next steps
     proc.kill()
     proc.communicate(timeout=30)
+    straight_proc.wait(timeout=300)
+    straight_log.close()
+    assert straight_proc.returncode == 0, (tmp_path / "straight.log").read_text()[-3000:]
     rerun = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     reference, resumed = _final_tensors(straight), _final_tensors(model_dir)

@@ -1,20 +1,21 @@
 """Trains `mtl.Trainer` and the plain reference (`tests/oracle.py`) on the same update batches for
 each case given, and prints one JSON line per case with how far apart they end.
 
-    python combination_matrix.py one|mirrored CASES_JSON
+    python combination_matrix.py CASES_JSON
 
-A case: {"method", "mode" (exact|rep), "k" (micro-batches), "reg" (L2 on a shared layer),
+A case: {"replicas" (1: one device; 2: 2 mirrored logical CPUs), "method", "mode" (exact|rep), "k" (micro-batches), "reg" (L2 on a shared layer),
 "frozen" (backbone frozen), "dropout" (a Dropout layer in the backbone), "optimizer",
 "granularity", "clip" (clip_norm=CLIP_NORM), "chunk" (jacobian_chunk_size), "scope" (N of jacobian_scope="top:N"), "arch" (a soft-sharing architecture of
 `mtl.architectures` with MLP experts; "hps": the backbone and heads)}. The update
 batch is 16 examples; task "a" misses labels (placeholder -1, sample weight 0), task "c" has no
-label at all in some micro-batches. Run as a subprocess: "mirrored" needs 2 logical CPUs set up
-before TensorFlow starts.
+label at all in some micro-batches. Run as a subprocess: the 2 logical CPUs are set up before
+TensorFlow starts; one-device cases run on the first.
 """
 
 import json
 import os
 import sys
+import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -154,18 +155,22 @@ def run_case(strategy, case):
 
 
 def main():
-    where, cases = sys.argv[1], json.loads(sys.argv[2])
-    strategy = (mtl.distribute.get_strategy("mirrored", cpu_replicas=2) if where == "mirrored"
-                else tf.distribute.OneDeviceStrategy("/cpu:0"))
+    cases = json.loads(sys.argv[1])
+    strategies = {2: mtl.distribute.get_strategy("mirrored", cpu_replicas=2),
+                  1: tf.distribute.OneDeviceStrategy("/cpu:0")}
     for case in cases:
+        strategy = strategies[case.pop("replicas")]
+        replicas = strategy.num_replicas_in_sync
         case = {"mode": "exact", "k": 1, "reg": False, "frozen": False, "dropout": False,
                 "optimizer": "sgd", "granularity": "all", "clip": False, "arch": "hps",
                 "chunk": None, "scope": None, **case}
+        start = time.perf_counter()
         try:
             result = run_case(strategy, case)
         except Exception as e:  # reported, so one case does not hide the others
             result = {**case, "error": f"{type(e).__name__}: {str(e)[:2000]}"}
-        print(json.dumps({"replicas": 2 if where == "mirrored" else 1, **result}), flush=True)
+        result["seconds"] = round(time.perf_counter() - start, 2)  # to balance the two processes
+        print(json.dumps({"replicas": replicas, **result}), flush=True)
 
 
 if __name__ == "__main__":
