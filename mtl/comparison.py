@@ -19,6 +19,9 @@ interval; Δm of each run PER SEED against the same seed's baselines (mtl.report
 its mean, std and interval; each method against `equal` (same architecture, same seeds): the
 paired differences of Δm, their interval and the two-sided paired t-test, "better"/"worse" only
 where p < 0.05; likewise each soft-sharing architecture against `hps` with the same method.
+Every one of these paired tests also gets Holm's adjusted p-value ("p_holm") over all the paired
+tests of the comparison: where it is < 0.05 the difference holds with a family-wise error rate
+of 5%.
 """
 
 from __future__ import annotations
@@ -188,6 +191,9 @@ def compare(protocol: Protocol, runs: Mapping[str, report.RunLogs],
             paired = stats.paired_comparison(own, deltas[key], confidence)
             entry["vs_hps"] = {**paired.to_json(),
                                "verdict": ARCHITECTURE_VERDICTS[paired.significant(alpha)]}
+    tests = [entry[key] for entry in entries for key in ("vs_equal", "vs_hps") if key in entry]
+    for test, adjusted in zip(tests, stats.holm([test["p_value"] for test in tests])):
+        test["p_holm"] = adjusted
     return {
         "experiment": protocol.experiment, "tasks": list(protocol.tasks),
         "methods": list(protocol.methods), "architectures": list(protocol.architectures),
@@ -281,25 +287,27 @@ def markdown(comparison: dict, *, command: str, train_steps: int, eval_every: in
              "seed's single-task baselines; Δm > 0: better than the single-task models. "
              f"Methods are compared with `{REFERENCE}` on the same architecture and seeds by a "
              f"paired t-test of Δm (two-sided); a verdict is given only where p < {c['alpha']}. "
-             f"The p-values are not corrected for multiple comparisons ({_comparisons(c)} "
+             f"p is not corrected for multiple comparisons ({_comparisons(c)} "
              f"here: if no method differed from `{REFERENCE}`, "
              f"{_comparisons(c) * c['alpha']:.2f} of them would be called significant by "
-             "chance on average).",
+             "chance on average); p (Holm) is Holm's adjustment over all of them: a "
+             f"difference with p (Holm) < {c['alpha']} holds with a family-wise error rate of "
+             f"{c['alpha']:.0%}.",
              "- Δm metrics: " + "; ".join(f"{t}: {', '.join(m)}"
                                            for t, m in c["delta_m_metrics"].items()),
              "", "## Δm", "",
              f"| method | architecture | Δm (%) mean ± std | {pct} CI | vs `{REFERENCE}`: "
-             f"mean difference [{pct} CI] | p | verdict |",
-             "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+             f"mean difference [{pct} CI] | p | p (Holm) | verdict |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for entry in c["entries"]:
         d, vs = entry["delta_m"], entry.get("vs_equal")
         if vs is None:
-            paired = ["–", "–", "(reference)" if entry["method"] == REFERENCE else
+            paired = ["–", "–", "–", "(reference)" if entry["method"] == REFERENCE else
                       f"no `{REFERENCE}` runs"]
         else:
             diff = vs["differences"]
             paired = [f"{diff['mean']:+.2f} {_interval(diff)}", _p(vs["p_value"]),
-                      vs["verdict"]]
+                      _p(vs.get("p_holm")), vs["verdict"]]
         lines.append(f"| {entry['method']} | {entry['architecture']} | "
                      f"{_mean_std(d, '+.2f')} | {_interval(d)} | " + " | ".join(paired) + " |")
     lines += _plot_lines(plots, "delta_m")
@@ -310,13 +318,14 @@ def markdown(comparison: dict, *, command: str, train_steps: int, eval_every: in
                   f"method on the same seeds: the mean difference [{pct} CI] and the paired "
                   "t-test.", "",
                   f"| method | architecture | vs `{REFERENCE_ARCHITECTURE}`: mean difference "
-                  f"[{pct} CI] | p | verdict |", "| --- | --- | ---: | ---: | --- |"]
+                  f"[{pct} CI] | p | p (Holm) | verdict |",
+                  "| --- | --- | ---: | ---: | ---: | --- |"]
         for entry in against_hps:
             vs = entry["vs_hps"]
             diff = vs["differences"]
             lines.append(f"| {entry['method']} | {entry['architecture']} | "
                          f"{diff['mean']:+.2f} {_interval(diff)} | {_p(vs['p_value'])} | "
-                         f"{vs['verdict']} |")
+                         f"{_p(vs.get('p_holm'))} | {vs['verdict']} |")
     lines += ["", "## Per task", "",
               f"Test metrics at the selected step: mean ± std [{pct} CI] over seeds; Δ (%) is "
               "the task's relative gain over the same seed's baseline (its term of Δm).", ""]

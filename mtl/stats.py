@@ -11,6 +11,9 @@ Definitions (n values x_1..x_n, n >= 2):
 Paired comparison of a with b (the same seeds): the differences d_i = a_i - b_i, their mean, std and
 CI as above, t = mean(d) / (std(d) / sqrt(n)) and the two-sided p-value 2 · P(T_{n-1} >= |t|)
 (scipy.stats.ttest_rel). With fewer than 2 values the std, CI, t and p are None.
+Holm's adjustment of m p-values p_(1) <= ... <= p_(m) (Holm 1979): p~_(i) = max over j <= i of
+min(1, (m - j + 1) p_(j)); rejecting where p~ < alpha bounds the chance of any false "significant"
+among the m tests by alpha (the family-wise error rate), with no assumption on their dependence.
 """
 
 from __future__ import annotations
@@ -107,6 +110,20 @@ def paired_comparison(a: Sequence[float], b: Sequence[float],
     t = differences.mean / (differences.std / math.sqrt(n))
     p = float(2.0 * scipy_stats.t.sf(abs(t), n - 1))
     return PairedComparison(differences, t, p)
+
+
+def holm(p_values: Sequence[float | None]) -> list[float | None]:
+    """Holm's step-down adjusted p-values, in the order given; None (no test) stays None and is
+    not counted among the m tests."""
+    tested = sorted((p, i) for i, p in enumerate(p_values) if p is not None)
+    bad = [p for p, _ in tested if not 0.0 <= p <= 1.0]
+    if bad:
+        raise ValueError(f"p-values must be in [0, 1]; got {bad[0]!r}.")
+    adjusted, running, m = [None] * len(p_values), 0.0, len(tested)
+    for rank, (p, i) in enumerate(tested):
+        running = max(running, min(1.0, (m - rank) * p))
+        adjusted[i] = running
+    return adjusted
 
 
 def _check(values: tuple, confidence: float) -> None:

@@ -132,7 +132,8 @@ def test_the_report_states_the_protocol_and_gives_verdicts_only_where_significan
     assert "- Command: `python scripts/compare.py --seeds=3`" in text
     assert "- Seeds: 3 (0, 1, 2)" in text and "- Steps: 4 train steps" in text
     assert "- Selection: `final`: each run's last evaluation (results.json, step 4)." in text
-    assert "not corrected for multiple comparisons (3 here" in text
+    assert "p is not corrected for multiple comparisons (3 here" in text
+    assert "p (Holm) is Holm's adjustment over all of them" in text
     rows = {line.split(" | ")[0][2:]: line for line in text.splitlines()
             if line.startswith("| ") and "| hps |" in line}
     assert rows["equal"].endswith("| (reference) |")
@@ -175,7 +176,18 @@ def test_an_architecture_is_compared_with_hps_under_the_same_method_and_seeds():
     text = comparison.markdown(result, command="c", train_steps=4, eval_every=2)
     assert "## Architectures against `hps`" in text
     assert f"| equal | mmoe | {d.mean():+.2f} [" in text and "| better than hps |" in text
-    assert "not corrected for multiple comparisons (4 here" in text
+    assert "p is not corrected for multiple comparisons (4 here" in text
+    # Holm over the 4 paired tests of the report (2 against equal, 2 against hps).
+    tests = [entries[key][kind] for key in (("mmoe", "equal"), ("hps", "mgda"), ("mmoe", "mgda"))
+             for kind in ("vs_equal", "vs_hps") if kind in entries[key]]
+    p = np.array([t["p_value"] for t in tests])
+    order = np.argsort(p)
+    holm = np.maximum.accumulate(np.minimum(1.0, (4 - np.arange(4)) * p[order]))
+    assert [tests[i]["p_holm"] for i in order] == pytest.approx(list(holm), rel=1e-12)
+    row = next(line for line in text.split("## Architectures against")[1].splitlines()
+               if line.startswith("| equal | mmoe |"))
+    assert row.endswith(f" | {comparison._p(vs['p_value'])} | {comparison._p(vs['p_holm'])} "
+                        "| better than hps |")
 
 
 def test_compare_refuses_runs_of_other_lengths():
@@ -348,6 +360,7 @@ def test_protocol_end_to_end_statistics_equal_a_hand_computation(sweep_dir):
     verdict = ("no significant difference" if vs["p_value"] >= 0.05 else
                "better than equal weighting" if d.mean() > 0 else "worse than equal weighting")
     assert vs["verdict"] == verdict
+    assert vs["p_holm"] == pytest.approx(vs["p_value"], rel=1e-12)  # the report's only test
     text = (out / "report.md").read_text()
     assert "- Seeds: 2 (0, 1)" in text and "- Selection: `final`" in text
     assert "- Steps: 4 train steps per run, an evaluation every 2 steps" in text

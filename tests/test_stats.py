@@ -84,3 +84,16 @@ def test_paired_comparison_degenerate_cases():
     assert single.p_value is None and single.differences.mean == 1.0
     with pytest.raises(ValueError, match="as many"):
         stats.paired_comparison([1.0, 2.0], [1.0])
+
+
+def test_holm_adjusts_in_the_given_order_and_keeps_untested_ones_out():
+    # Worked by hand: sorted 0.01, 0.02, 0.03, 0.5 (m = 4) -> 0.04, 0.06, 0.06 (monotone:
+    # 2 x 0.03 = 0.06, not below the previous 0.06), 0.5; None is no test and not counted.
+    got = stats.holm([0.03, None, 0.5, 0.01, 0.02])
+    assert got[1] is None
+    assert [got[i] for i in (3, 4, 0, 2)] == pytest.approx([0.04, 0.06, 0.06, 0.5])
+    assert stats.holm([0.4, 0.9]) == pytest.approx([0.8, 0.9])
+    assert stats.holm([0.6, 0.7]) == pytest.approx([1.0, 1.0])  # capped at 1
+    assert stats.holm([]) == []
+    with pytest.raises(ValueError, match="in \\[0, 1\\]; got 1.5"):
+        stats.holm([0.1, 1.5])
