@@ -92,6 +92,12 @@ def experiment_config(name: str, experiments_dir: str, extra: Sequence[str]) -> 
     return flags.config_from_flags(values)
 
 
+def check_parallel(parallel: int) -> None:
+    """Refuses a number of runs at once below 1."""
+    if parallel < 1:
+        raise UsageError(f"--parallel={parallel}: expected an int >= 1.")
+
+
 def check_extra(extra: Sequence[str], own_flags: Sequence[str], program: str, why: str) -> None:
     """Refuses flags after `--` that would override what `program` sets for each run; `why`
     ends the message (what the program does instead)."""
@@ -170,8 +176,7 @@ def run_all(runs: Sequence[Run], *, parallel: int = 1, env: Mapping[str, str] | 
     `gpus[k % len(gpus)]` alone, with memory growth on where slots share a GPU. After a failure
     no new run starts unless `keep_going`; runs already started finish.
     """
-    if parallel < 1:
-        raise UsageError(f"--parallel must be an int >= 1; got {parallel}.")
+    check_parallel(parallel)
     if log_dir is None and parallel > 1:
         raise ValueError("run_all: runs at once need a log_dir (their outputs would mix).")
     env = dict(os.environ if env is None else env)

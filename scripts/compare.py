@@ -83,8 +83,7 @@ def check_args(args) -> None:
     if args.seeds < 2:
         raise UsageError(f"--seeds={args.seeds}: the confidence intervals and paired tests "
                          "need at least 2 seeds (5 is the default).")
-    if args.parallel < 1:
-        raise UsageError(f"--parallel={args.parallel}: expected an int >= 1.")
+    sweep.check_parallel(args.parallel)
     sweep.check_extra(args.extra, OWN_FLAGS, "compare",
                       "(one run per seed, task, method and architecture); choose them with "
                       "compare's own --seeds, --tasks, --methods and --architectures, and the "

@@ -8,10 +8,11 @@
     python scripts/run_baselines.py --experiment=multi_digits --out=runs/md_arch \
         --architectures=hps,mmoe,cross_stitch --parallel=2
 
-Runs, one after the other, `experiments/<experiment>.py --tasks=<task> --model_dir=OUT/stl_<task>`
-for every task, then `--model_dir=OUT/mtl` with all of them (flags after `--` go to every run),
-`--parallel=N` at a time (default 1; with N > 1 each run's output goes to OUT/logs/<run>.log and,
-where GPUs are visible, each of the N runs at once gets one of them), and finally the report (scripts/report.py) into OUT/report. With `--architectures`, the
+Runs `experiments/<experiment>.py --tasks=<task> --model_dir=OUT/stl_<task>` for every task,
+then `--model_dir=OUT/mtl` with all of them (flags after `--` go to every run), `--parallel=N`
+at a time (default 1: one after the other; with N > 1 each run's output goes to
+OUT/logs/<run>.log and, where GPUs are visible, each of the N runs at once gets one of them),
+and finally the report (scripts/report.py) into OUT/report. With `--architectures`, the
 single-task baselines are trained once (hard sharing with one task is the single-task model)
 and the multi-task run once per architecture, `OUT/mtl` for hps and `OUT/mtl_<architecture>`
 with `--architecture=<architecture>` for the others, each with its report
@@ -92,8 +93,7 @@ def run(argv=None) -> int:
     args = parse_args(argv)
     sweep.experiment_script(args.experiment, args.experiments_dir)
     check_extra(args.extra)
-    if args.parallel < 1:
-        raise UsageError(f"--parallel={args.parallel}: expected an int >= 1.")
+    sweep.check_parallel(args.parallel)
     from mtl import architectures as architectures_lib
     from mtl import report
 
@@ -108,10 +108,10 @@ def run(argv=None) -> int:
                                                                  args.experiments_dir)))
     runs = [sweep.Run(name, tuple(command)) for name, command in plan(
         args.experiment, args.out, tasks, args.extra, args.experiments_dir, architectures)]
-    parallel = args.parallel
-    failures = sweep.run_all(runs, parallel=parallel, env=sweep.subprocess_env(ROOT),
-                             log_dir=os.path.join(args.out, "logs") if parallel > 1 else None,
-                             gpus=sweep.visible_gpus() if parallel > 1 else ())
+    at_once = args.parallel > 1
+    failures = sweep.run_all(runs, parallel=args.parallel, env=sweep.subprocess_env(ROOT),
+                             log_dir=os.path.join(args.out, "logs") if at_once else None,
+                             gpus=sweep.visible_gpus() if at_once else ())
     for failure in failures:
         print(f"error: run {failure.name} failed with exit status {failure.status}"
               + (f"; its output: {failure.log}" if failure.log else "") + ".", file=sys.stderr)

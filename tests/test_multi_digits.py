@@ -2,6 +2,8 @@ import hashlib
 import itertools
 import os
 import random
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -251,9 +253,6 @@ def test_processes_preparing_the_dataset_at_once_take_turns(tmp_path):
     """Runs of a sweep started together (scripts/compare.py --parallel=2) prepare the dataset
     at once: each would write its own temporary folder, and all but the first fail when the
     first renames its own into place. They take turns on a lock in the data folder."""
-    import subprocess
-    import sys
-
     data_dir = str(tmp_path / "data")
     code = ("import mtl; from mtl.data import multi_digits; "
             f"multi_digits.load('test', batch_size=8, training=False, data_dir={data_dir!r}, "

@@ -102,19 +102,23 @@ def test_sigkill_with_a_stateful_weighting_method(tmp_path, digits_data_dir, met
     tests/test_weighting_training.py."""
     # The uninterrupted run trains at the same time, on the other core.
     straight = str(tmp_path / "straight")
-    straight_log = open(tmp_path / "straight.log", "w")  # not a pipe: nobody reads it yet
-    straight_proc = subprocess.Popen(_command(straight, digits_data_dir, f"--weighting={method}"),
-                                     env=_env(), stdout=straight_log, stderr=subprocess.STDOUT)
     model_dir = str(tmp_path / "run")
     command = _command(model_dir, digits_data_dir, f"--weighting={method}")
-    proc = subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    _wait_for(os.path.join(model_dir, "checkpoints", "ckpt-10.index"), proc)
-    time.sleep(0.5)  # past the checkpoint, into the next steps
-    proc.kill()
-    proc.communicate(timeout=30)
-    straight_proc.wait(timeout=300)
-    straight_log.close()
+    with open(tmp_path / "straight.log", "w") as straight_log:  # not a pipe: nobody reads it yet
+        straight_proc = subprocess.Popen(
+            _command(straight, digits_data_dir, f"--weighting={method}"), env=_env(),
+            stdout=straight_log, stderr=subprocess.STDOUT)
+        try:
+            proc = subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
+            _wait_for(os.path.join(model_dir, "checkpoints", "ckpt-10.index"), proc)
+            time.sleep(0.5)  # past the checkpoint, into the next steps
+            proc.kill()
+            proc.communicate(timeout=30)
+            straight_proc.wait(timeout=300)
+        finally:
+            if straight_proc.poll() is None:
+                straight_proc.kill()
     assert straight_proc.returncode == 0, (tmp_path / "straight.log").read_text()[-3000:]
     rerun = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]

@@ -78,7 +78,7 @@ def test_failures_are_reported_and_stop_new_runs_unless_keep_going(tmp_path):
     assert (tmp_path / "good.log").read_text().endswith("fine\n")
     # Logs are appended: the first attempt's output is still there.
     assert (tmp_path / "bad.log").read_text().count("\nbroken\n") == 2
-    with pytest.raises(UsageError, match="--parallel must be an int >= 1; got 0"):
+    with pytest.raises(UsageError, match="--parallel=0: expected an int >= 1"):
         sweep.run_all(runs, parallel=0, log_dir=str(tmp_path))
 
 

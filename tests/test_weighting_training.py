@@ -6,7 +6,6 @@ combination matrix (tests/test_combinations.py, a small model); here a represent
 convolutional model: methods that draw random numbers (rlw, pcgrad, graddrop), that keep state
 (famo, moco, uncertainty's variables) and a Gramian method in both modes (mgda)."""
 
-
 import keras
 import numpy as np
 import pytest

@@ -3,10 +3,12 @@ each case given, and prints one JSON line per case with how far apart they end.
 
     python combination_matrix.py CASES_JSON
 
-A case: {"replicas" (1: one device; 2: 2 mirrored logical CPUs), "method", "mode" (exact|rep), "k" (micro-batches), "reg" (L2 on a shared layer),
-"frozen" (backbone frozen), "dropout" (a Dropout layer in the backbone), "optimizer",
-"granularity", "clip" (clip_norm=CLIP_NORM), "chunk" (jacobian_chunk_size), "scope" (N of jacobian_scope="top:N"), "arch" (a soft-sharing architecture of
-`mtl.architectures` with MLP experts; "hps": the backbone and heads)}. The update
+A case: {"replicas" (1: one device; 2: 2 mirrored logical CPUs), "method", "mode" (exact|rep),
+"k" (micro-batches), "reg" (L2 on a shared layer), "frozen" (backbone frozen), "dropout" (a
+Dropout layer in the backbone), "optimizer", "granularity", "clip" (clip_norm=CLIP_NORM), "chunk"
+(jacobian_chunk_size), "scope" (N of jacobian_scope="top:N"), "arch" (a soft-sharing
+architecture of `mtl.architectures` with MLP experts; "hps": the backbone and heads)}. Each
+line also gives the case's "seconds" (to balance the cases between processes). The update
 batch is 16 examples; task "a" misses labels (placeholder -1, sample weight 0), task "c" has no
 label at all in some micro-batches. Run as a subprocess: the 2 logical CPUs are set up before
 TensorFlow starts; one-device cases run on the first.
