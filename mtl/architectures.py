@@ -40,7 +40,7 @@ import numpy as np
 from keras import ops
 
 from mtl import backbones
-from mtl.config import UsageError, UsageTypeError, check_int
+from mtl.errors import UsageError, UsageTypeError, check_int
 from mtl.model import MultiTaskModel, _check_heads
 
 #: Added inside logarithms and divisions of DSelect-k's regularisers (as the official code's

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import keras
-from mtl.config import UsageError
+from mtl.errors import UsageError
 
 
 def _check_input_shape(builder: str, input_shape) -> tuple:

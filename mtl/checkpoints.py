@@ -19,7 +19,7 @@ import tensorflow as tf
 from absl import logging
 
 from mtl import run_record
-from mtl.config import UsageError
+from mtl.errors import UsageError
 
 
 class CheckpointWriteError(OSError):

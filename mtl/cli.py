@@ -23,7 +23,7 @@ from typing import Callable, NoReturn, Sequence
 
 from absl import app, flags
 
-from mtl.config import UsageError
+from mtl.errors import UsageError
 
 #: The exit status of a program stopped by a user error.
 USAGE_STATUS = 2

@@ -31,7 +31,7 @@ import math
 from typing import Mapping, Sequence
 
 from mtl import report, stats
-from mtl.config import UsageError
+from mtl.errors import UsageError
 
 SELECTIONS = ("final", "best_val")
 REFERENCE = "equal"

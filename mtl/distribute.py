@@ -11,7 +11,7 @@ import json
 import os
 
 import tensorflow as tf
-from mtl.config import UsageError
+from mtl.errors import UsageError
 
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
 

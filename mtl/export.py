@@ -36,7 +36,7 @@ import numpy as np
 import tensorflow as tf
 
 from mtl import model as model_lib
-from mtl.config import UsageError, UsageTypeError
+from mtl.errors import UsageError, UsageTypeError
 
 JOINT = "joint"
 SERVING_DEFAULT = "serving_default"

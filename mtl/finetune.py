@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import keras
 
-from mtl.config import FineTuning, UsageError  # noqa: F401 (FineTuning: defined with the settings)
+from mtl.errors import UsageError
+from mtl.options import FineTuning  # noqa: F401 (FineTuning: defined with the settings)
 
 
 def weighted_layers(backbone: keras.Model) -> list:

@@ -18,7 +18,7 @@ import numbers
 from typing import Sequence
 
 import keras
-from mtl.config import UsageError
+from mtl.errors import UsageError
 
 #: The head kinds whose outputs are logits (pair them with `from_logits=True` losses).
 LOGITS_KINDS = ("classification", "binary")

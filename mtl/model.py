@@ -19,7 +19,7 @@ from typing import Mapping
 import keras
 import numpy as np
 import tensorflow as tf
-from mtl.config import UsageError, UsageTypeError
+from mtl.errors import UsageError, UsageTypeError
 from mtl.tasks import check_task_name
 
 

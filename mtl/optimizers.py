@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import keras
-from mtl.config import UsageError
+from mtl.errors import UsageError
 
 _BUILDERS = {
     "sgd": lambda lr: keras.optimizers.SGD(lr),

@@ -31,7 +31,7 @@ import re
 from typing import Mapping, Sequence
 
 import tensorflow as tf
-from mtl.config import UsageError
+from mtl.errors import UsageError
 
 LOWER_IS_BETTER = ("loss", "error", "mae", "mse", "rmse", "mape", "msle", "crossentropy",
                    "hinge", "distance")

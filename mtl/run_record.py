@@ -24,7 +24,7 @@ from typing import Iterable
 
 import tensorflow as tf
 
-from mtl.config import UsageError
+from mtl.errors import UsageError
 
 HISTORY_FILE = "config_history.json"
 

@@ -34,7 +34,7 @@ import tensorflow as tf
 
 from mtl import gradient_sources
 from mtl.gradient_sources import BAD_GRAD, NUM_EXTRA_STATS, REG, all_finite, flatten_gradients
-from mtl.config import TrainerOptions
+from mtl.options import TrainerOptions
 from mtl.task_losses import (compute_task_losses, local_normalisers, unpack_batch,
                              update_metrics)
 from mtl.tasks import Task

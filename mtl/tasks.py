@@ -10,7 +10,7 @@ from typing import Any, Callable, Sequence
 import keras
 import tensorflow as tf
 from keras.src.utils.tracking import Tracker  # Keras attribute tracker; copies need their own.
-from mtl.config import UsageError, UsageTypeError
+from mtl.errors import UsageError, UsageTypeError
 
 LossLike = Any  # a Keras loss object, a Keras loss name, or a callable(y_true, y_pred)
 MetricLike = Any  # a Keras metric object or a Keras metric name

@@ -24,7 +24,8 @@ from absl import logging
 from mtl import actions, checkpoints, preemption, progress, run_record, runs, validation
 from mtl import weighting as weighting_lib
 from mtl.checkpoints import CheckpointReadError, CheckpointWriteError  # noqa: F401 (API)
-from mtl.config import TrainerOptions, UsageError, UsageTypeError, scope_text
+from mtl.errors import UsageError, UsageTypeError
+from mtl.options import TrainerOptions, scope_text
 from mtl.finetune import layers_to_unfreeze, optimizer_groups, trainable_weights_when_unfrozen
 from mtl.input_state import Data, InputState, distribute, input_context
 from mtl.preemption import TrainingStopped  # noqa: F401 (API)

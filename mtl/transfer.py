@@ -30,7 +30,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 from tensorflow.core.protobuf import trackable_object_graph_pb2
-from mtl.config import UsageError, UsageTypeError
+from mtl.errors import UsageError, UsageTypeError
 
 WEIGHTS_FILE_SUFFIXES = (".weights.h5", ".keras", ".h5", ".hdf5")
 

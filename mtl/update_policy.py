@@ -21,7 +21,8 @@ import dataclasses
 
 import tensorflow as tf
 
-from mtl.config import ON_NONFINITE, check_choice
+from mtl.errors import check_choice
+from mtl.options import ON_NONFINITE
 
 
 class LossScale(tf.Module):

@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from mtl import heads as heads_lib
-from mtl.config import UsageError
+from mtl.errors import UsageError
 from mtl.tasks import Task, keras_loss_function
 
 

@@ -30,7 +30,7 @@ import shlex  # noqa: E402
 import sys  # noqa: E402
 
 from mtl import cli, comparison, sweep  # noqa: E402
-from mtl.config import UsageError  # noqa: E402
+from mtl.errors import UsageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_METHODS = "equal,uncertainty,famo,pcgrad,mgda,cagrad,nash_mtl,upgrad"

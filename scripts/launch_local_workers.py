@@ -27,7 +27,7 @@ import threading
 import time
 
 from mtl import cli
-from mtl.config import UsageError
+from mtl.errors import UsageError
 
 
 def free_ports(n: int) -> list[int]:

@@ -25,7 +25,7 @@ import zipfile  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mtl import cli  # noqa: E402
-from mtl.config import UsageError  # noqa: E402
+from mtl.errors import UsageError
 
 
 def parse_args(argv=None):

@@ -20,7 +20,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import sys  # noqa: E402
 
 from mtl import cli  # noqa: E402
-from mtl.config import UsageError  # noqa: E402
+from mtl.errors import UsageError
 
 
 def parse_stl(values) -> dict[str, str]:

@@ -12,7 +12,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from mtl import experiment, flags, runs
-from mtl.config import UsageError
+from mtl.errors import UsageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "experiments", "multi_digits.py")

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from mtl import flags, sweep
-from mtl.config import UsageError
+from mtl.errors import UsageError
 
 
 @pytest.mark.parametrize("value, gpus", [("0,1,2", ["0", "1", "2"]), ("", []), ("-1", []),

@@ -45,7 +45,7 @@ import numpy as np
 import tensorflow as tf
 
 from mtl.data import pipeline
-from mtl.config import UsageError
+from mtl.errors import UsageError
 
 RATE_NAMES = ("proportional", "uniform")
 SCHEDULE_KINDS = ("uniform", "proportional", "annealed")

@@ -52,7 +52,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from mtl.data import pipeline
-from mtl.config import UsageError
+from mtl.errors import UsageError
 
 NAME = "multi_digits"
 VARIANTS = ("side_by_side", "overlap")  # The builder configs; the first is the default.

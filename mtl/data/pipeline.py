@@ -29,7 +29,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
-from mtl.config import UsageError
+from mtl.errors import UsageError
 
 
 class DatasetUnavailableError(UsageError):

@@ -24,7 +24,7 @@ import tensorflow as tf
 
 from mtl.data import pipeline, task_specs
 from mtl.data.task_specs import TaskSpec
-from mtl.config import UsageError
+from mtl.errors import UsageError
 
 NAME = "shapes3d"
 IMAGE_SHAPE = (64, 64, 3)

@@ -22,7 +22,7 @@ import tensorflow as tf
 
 from mtl.data import pipeline, task_specs
 from mtl.data.task_specs import TaskSpec
-from mtl.config import UsageError
+from mtl.errors import UsageError
 
 NAME = "smallnorb"
 TASKS = ("category", "elevation", "azimuth", "lighting")

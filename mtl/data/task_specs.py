@@ -21,7 +21,7 @@ import tensorflow as tf
 from mtl import heads as heads_lib
 from mtl.data import pipeline
 from mtl.tasks import Task
-from mtl.config import UsageError
+from mtl.errors import UsageError
 
 KINDS = ("classification", "binary", "regression")
 

@@ -16,7 +16,7 @@ from mtl.weighting.gradient_based import (CAGrad, IMTL, MGDA, AlignedMTL, GradNo
 from mtl.weighting.gradient_surgery import GradDrop, GradVac, PCGrad
 from mtl.weighting.loss_based import DWA, FAMO, GLS, RLW, Equal, Uncertainty
 from mtl.weighting.recent import DBMTL, STCH, ConFIG, DualProj, FairGrad, MoCo
-from mtl.config import UsageError
+from mtl.errors import UsageError
 
 METHODS: dict[str, type[Weighting]] = {
     cls.name: cls for cls in (

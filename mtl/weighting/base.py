@@ -29,7 +29,7 @@ import numbers
 from typing import Sequence
 
 import tensorflow as tf
-from mtl.config import UsageError
+from mtl.errors import UsageError
 
 
 @dataclasses.dataclass(frozen=True)
