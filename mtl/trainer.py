@@ -21,7 +21,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from mtl import actions, checkpoints, preemption, progress, run_record, runs, validation
+from mtl import (actions, checkpoints, model_record, preemption, progress, run_record,
+                 validation)
 from mtl import weighting as weighting_lib
 from mtl.checkpoints import CheckpointReadError, CheckpointWriteError  # noqa: F401 (API)
 from mtl.errors import UsageError, UsageTypeError
@@ -154,7 +155,7 @@ class Trainer:
         self._strict_restore = not changes
         self.restore()
         if model_dir and self.is_chief:
-            runs.record_model(model_dir, model)  # what export needs to rebuild the model
+            model_record.record_model(model_dir, model)  # what export needs to rebuild the model
         self._write_record(changes)
         self._maybe_unfreeze()
 

@@ -13,7 +13,7 @@ import tensorflow as tf
 
 import experiment_scripts
 import mtl
-from mtl import architectures, experiment, export, flags, runs
+from mtl import architectures, experiment, export, flags, model_record, runs
 
 # Small experts: the point is the wiring, not the accuracy.
 SMALL = {"filters": (4,), "dense": 8}
@@ -187,12 +187,12 @@ def test_an_architecture_built_by_its_own_builder_is_recorded_and_restores(tmp_p
     model = architectures.mmoe(IMAGE, _heads(), backbone_config=SMALL, num_experts=2)
     for i, variable in enumerate(model.variables):
         variable.assign(np.full(variable.shape, 0.01 * (i + 1), np.float32))
-    runs.record_model(str(tmp_path), model)
-    record = runs.read_model_record(str(tmp_path))
+    model_record.record_model(str(tmp_path), model)
+    record = model_record.read_model_record(str(tmp_path))
     assert record["kind"] == "architecture"
     assert record["architecture"]["options"] == {"num_experts": 2}
     path = tf.train.Checkpoint(model=model).save(str(tmp_path / "checkpoints" / "ckpt"))
-    rebuilt = runs.rebuild_model(record)
+    rebuilt = model_record.rebuild_model(record)
     tf.train.Checkpoint(model=rebuilt).restore(path).expect_partial() \
         .assert_existing_objects_matched()
     x = np.random.default_rng(4).random((2, *IMAGE), dtype=np.float32)

@@ -12,7 +12,7 @@ import pytest
 
 import mtl
 import small_runs
-from mtl import export, runs
+from mtl import export, model_record, runs
 from mtl.data import multi_digits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -247,7 +247,7 @@ def test_api_run_records_its_model_and_restores_bitwise(api_run):
     for variable, value in zip(run.model.variables, trained):
         np.testing.assert_array_equal(variable.numpy(), value, err_msg=variable.path)
     # The rebuilt model is one the Trainer's checkpoint restores into, every variable matched.
-    rebuilt = runs.rebuild_model(runs.read_model_record(model_dir))
+    rebuilt = model_record.rebuild_model(model_record.read_model_record(model_dir))
     status = tf.train.Checkpoint(model=rebuilt).restore(run.checkpoint).expect_partial()
     status.assert_existing_objects_matched()
     assert len(rebuilt.variables) == len(trained)
@@ -264,10 +264,10 @@ def test_recorded_from_models_keep_their_shared_layer(tmp_path):
     model = mtl.MultiTaskModel.from_models(models)
     for i, variable in enumerate(model.variables):  # Weights no initialiser would give.
         variable.assign(np.full(variable.shape, 0.01 * (i + 1), np.float32))
-    assert runs.record_model(str(tmp_path), model) == str(tmp_path / "model.json")
+    assert model_record.record_model(str(tmp_path), model) == str(tmp_path / "model.json")
     path = tf.train.Checkpoint(model=model).save(str(tmp_path / "checkpoints" / "ckpt"))
 
-    rebuilt = runs.rebuild_model(runs.read_model_record(str(tmp_path)))
+    rebuilt = model_record.rebuild_model(model_record.read_model_record(str(tmp_path)))
     assert rebuilt.heads["left"].layers[0] is rebuilt.heads["sum"].layers[0]  # Still shared.
     assert len(rebuilt.variables) == len(model.variables) == 6
     tf.train.Checkpoint(model=rebuilt).restore(path).expect_partial() \
@@ -296,7 +296,7 @@ def _custom_model(layer):
 def test_a_model_that_cannot_be_rebuilt_is_not_recorded_and_export_says_why(tmp_path, caplog):
     # A registered custom layer is recorded; an unregistered one (Keras could not find its
     # class when rebuilding) gets a warning and no file.
-    recorded = runs.record_model(str(tmp_path / "ok"), _custom_model(_Registered()))
+    recorded = model_record.record_model(str(tmp_path / "ok"), _custom_model(_Registered()))
     assert recorded and os.path.isfile(recorded)
     assert type(_Registered()).__name__ in open(recorded).read()
     with caplog.at_level("WARNING"):
