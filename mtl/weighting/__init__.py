@@ -9,8 +9,8 @@ See docs/weighting.md for a table of what each does and costs.
 
 from __future__ import annotations
 
-from mtl.weighting.base import (GradientWeighting, GramianWeighting, LossWeighting, SeededDraws,
-                                StepContext, Weighting)
+from mtl.weighting.base import (GRAMIAN, JACOBIAN, LOSSES, GradientWeighting, GramianWeighting,
+                                LossWeighting, SeededDraws, StepContext, Weighting)
 from mtl.weighting.gradient_based import (CAGrad, IMTL, MGDA, AlignedMTL, GradNorm, NashMTL,
                                           UPGrad)
 from mtl.weighting.gradient_surgery import GradDrop, GradVac, PCGrad
@@ -44,7 +44,7 @@ def get(method: str | Weighting, **options) -> Weighting:
     return cls(**options)
 
 
-__all__ = ["AlignedMTL", "CAGrad", "ConFIG", "DBMTL", "DWA", "DualProj", "Equal", "FAMO",
+__all__ = ["GRAMIAN", "JACOBIAN", "LOSSES", "AlignedMTL", "CAGrad", "ConFIG", "DBMTL", "DWA", "DualProj", "Equal", "FAMO",
            "FairGrad", "GLS", "GradDrop", "GradNorm", "GradVac", "GradientWeighting",
            "GramianWeighting", "IMTL", "LossWeighting", "METHODS", "MGDA", "MoCo", "NashMTL",
            "PCGrad", "RLW", "STCH", "SeededDraws", "StepContext", "UPGrad", "Uncertainty",

@@ -102,11 +102,19 @@ class SeededDraws:
         return seed
 
 
+#: What a method consumes (`Weighting.consumes`): the task losses (one weighted sum, one
+#: backward pass), the per-task gradients of the shared variables (a Jacobian [T, P]), or only
+#: their Gramian J J^T [T, T]. The step's plan (`mtl.step.plan`) is the one reader of it.
+LOSSES, JACOBIAN, GRAMIAN = "losses", "jacobian", "gramian"
+
+
 class Weighting(tf.Module, metaclass=abc.ABCMeta):
     """Base class of all weighting methods."""
 
     #: Registry name, e.g. "equal".
     name: str = ""
+    #: `LOSSES`, `JACOBIAN` or `GRAMIAN`: set by the family's base class.
+    consumes: str = ""
 
     def __init__(self):
         super().__init__(name=type(self).__name__)
@@ -158,6 +166,8 @@ class Weighting(tf.Module, metaclass=abc.ABCMeta):
 class LossWeighting(Weighting):
     """A method that combines task losses into one scalar before a single backward pass."""
 
+    consumes = LOSSES
+
     #: True when `combine` reads `context.global_losses` (the step then all-reduces the task
     #: losses before calling it); False for methods whose weights do not depend on the losses.
     needs_global_losses: bool = True
@@ -196,6 +206,7 @@ class GradientWeighting(Weighting):
     #: Where "rep" mode (the rows are gradients w.r.t. the shared representation, not the
     #: shared parameters) is defined: the paper or official code that defines it. None: not
     #: offered, for the reason in `no_rep_reason`. `supports_rep` is derived from it.
+    consumes = JACOBIAN
     rep_mode: str | None = None
     no_rep_reason: str = "its paper and official code apply it to the shared parameters"
     #: What rep mode computes from the representation's gradients: "gramian" (their Gramian,
@@ -279,6 +290,7 @@ class GramianWeighting(GradientWeighting):
     `J J^T` alone; the direction is `w @ J`. Only these can run in "rep" mode, where the step
     sums the replicas' Gramians of gradients w.r.t. the shared representation."""
 
+    consumes = GRAMIAN
     uses_gramian = True
     #: The dtype `weights_from_gramian` receives its Gramian in. float64 for the methods whose
     #: formulas cancel (IMTL-G's differences of inner products, Aligned-MTL's smallest
