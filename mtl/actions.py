@@ -17,23 +17,25 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from mtl.gradient_sources import REG
+from mtl.step import UpdateStats
 
 
 @dataclasses.dataclass
 class LoopResult:
     """What one compiled call returned (NumPy)."""
 
-    sums: np.ndarray   # [T + 3] statistics summed over the applied updates
+    sums: UpdateStats  # the statistics summed over the applied updates
     applied: int       # updates applied
     steps_run: int     # updates run (applied or dropped)
     examples: float    # examples read
-    last: np.ndarray   # the last update's statistics
+    last: UpdateStats  # the last update's statistics
 
     @classmethod
     def of(cls, outputs) -> "LoopResult":
-        sums, applied, steps_run, examples, last = (t.numpy() for t in outputs)
-        return cls(sums, int(applied), int(steps_run), float(examples), last)
+        """From what `TrainStep.train_loop` returned (`mtl.step.LoopOutputs`)."""
+        return cls(sums=outputs.sums.numpy(), applied=int(outputs.applied.numpy()),
+                   steps_run=int(outputs.steps_run.numpy()),
+                   examples=float(outputs.examples.numpy()), last=outputs.last.numpy())
 
 
 class Action:
@@ -94,33 +96,32 @@ class TrainLog(Action):
         self.started = time.perf_counter()
 
     def after_loop(self, step: int, loop: LoopResult, final: bool) -> None:
-        self.sums = loop.sums if self.sums is None else self.sums + loop.sums
+        self.sums = loop.sums if self.sums is None else self.sums.plus(loop.sums)
         self.applied += loop.applied
         self.steps += loop.steps_run
         self.examples += loop.examples
         means = self.means()
         self.bar.update(loop.steps_run)
-        self.bar.set_postfix({t.name: f"{v:.4g}" for t, v in zip(self.trainer.tasks, means)},
+        self.bar.set_postfix({t.name: f"{v:.4g}" for t, v in zip(self.trainer.tasks,
+                                                                  means.task_losses)},
                              refresh=False)
         if self.due(step, final):
             self.history.train.append(self._record(step, means))
             self._reset()
 
-    def means(self) -> np.ndarray:
+    def means(self) -> UpdateStats:
         """The statistics' means over the interval's applied updates (NaN when none)."""
-        if not self.applied:
-            return np.full_like(self.sums, np.nan)
-        return self.sums / self.applied
+        return self.sums.mean(self.applied)
 
-    def _record(self, step: int, means: np.ndarray) -> dict:
+    def _record(self, step: int, means: UpdateStats) -> dict:
         trainer = self.trainer
         tasks = trainer.tasks
         weights = np.array([t.weight for t in tasks])
         # The same objective for every method: sum_t Task.weight * L_t + regularisation.
-        total = float(np.sum(weights * means[:len(tasks)]) + means[len(tasks) + REG])
+        total = float(np.sum(weights * means.task_losses) + means.regularisation)
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         record = {"step": step, "loss": total}
-        for task, loss in zip(tasks, means[:len(tasks)]):
+        for task, loss in zip(tasks, means.task_losses):
             record[f"{task.name}/loss"] = float(loss)
             for metric in trainer.train_metrics[task.name]:
                 record[f"{task.name}/{metric.name}"] = float(metric.result())

@@ -3,7 +3,10 @@ ends the program with exit status 2; any other exception keeps its traceback.
 
 User errors are `mtl.UsageError` (bad settings, names, data, files), absl's flag errors (a value
 that does not parse or is not allowed, an unknown flag: absl itself reports them as "FATAL Flags
-parsing error" with status 1) and `absl.app.UsageError`.
+parsing error" with status 1) and `absl.app.UsageError`. Training that cannot go on ends with
+status 1 and `error: <message>` (a non-finite loss or gradient, a checkpoint that cannot be read
+or written); a SIGTERM/SIGINT that stopped training after saving a checkpoint prints its message
+and ends with 143/130 (`mtl.TrainingStopped`).
 
     if __name__ == "__main__":
         mtl.cli.run(main)                    # an absl program: main(argv), flags parsed by absl
@@ -21,16 +24,21 @@ import argparse
 import sys
 from typing import Callable, NoReturn, Sequence
 
-from absl import app, flags
+from absl import app
 
+from mtl import flags
 from mtl.errors import UsageError
+from mtl.trainer import CheckpointReadError, CheckpointWriteError, NonFiniteError, TrainingStopped
 
 #: The exit status of a program stopped by a user error.
 USAGE_STATUS = 2
 #: What counts as the user's to fix: absl's errors about a flag's value or name (not those about
 #: how flags are defined, such as a flag defined twice).
-USER_ERRORS = (UsageError, app.UsageError, flags.IllegalFlagValueError,
-               flags.UnrecognizedFlagError, flags.ValidationError, flags.CantOpenFlagFileError)
+USER_ERRORS = (UsageError, app.UsageError) + flags.USER_ERRORS
+#: The exit status of a program whose training could not go on (checked after `USER_ERRORS`: a
+#: refused model_dir is a user error and a checkpoint error at once).
+FAILED_STATUS = 1
+TRAINING_FAILURES = (NonFiniteError, CheckpointReadError, CheckpointWriteError)
 
 
 def print_error(error: BaseException | str) -> None:
@@ -41,8 +49,8 @@ def print_error(error: BaseException | str) -> None:
 def _parse_flags(argv: Sequence[str]) -> list[str]:
     """absl's flag parsing, with a parse error reported as a user error."""
     try:
-        return flags.FLAGS(list(argv))
-    except flags.Error as e:
+        return flags.parse(argv)
+    except flags.FlagError as e:
         print_error(f"{e} (--helpfull lists every flag)")
         sys.exit(USAGE_STATUS)
 
@@ -54,6 +62,12 @@ def _guarded(main: Callable[[list[str]], int | None]) -> Callable[[list[str]], i
         except USER_ERRORS as e:
             print_error(e)
             sys.exit(USAGE_STATUS)
+        except TRAINING_FAILURES as e:
+            print_error(e)
+            sys.exit(FAILED_STATUS)
+        except TrainingStopped as e:
+            print(e.message, file=sys.stderr, flush=True)
+            sys.exit(e.code)
 
     return guarded_main
 

@@ -16,9 +16,12 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from mtl import distribute, optimizers, progress, run_record
-from mtl import weighting as weighting_lib
-from mtl.config import Config, UsageError
+from absl import app
+
+from mtl import distribute, flags, progress, run_record, transfer
+from mtl.config import Config
+from mtl.errors import UsageError
+from mtl.options import PRECISION_POLICIES
 from mtl.tasks import Task
 from mtl.trainer import Trainer
 
@@ -136,7 +139,7 @@ def check_run_record(experiment: Experiment, config: Config, model_dir: str) -> 
     settings = recorded.get(SETTINGS_RECORD)
     recorded = {k: v for k, v in recorded.items() if k not in ("experiment", SETTINGS_RECORD)}
     # A setting added after the run was made had its default then (e.g. --architecture=hps).
-    defaults = dataclasses.asdict(Config())
+    defaults = Config().to_json()
     recorded = {**{k: v for k, v in defaults.items() if k not in recorded}, **recorded}
     changes = run_record.check(recorded, config.to_json(), free=Config.FREE_TO_CHANGE,
                                allowed=config.allow_config_change, where=model_dir,
@@ -179,9 +182,7 @@ def train_and_evaluate(experiment: Experiment, config: Config) -> dict:
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
     # Layers take the policy in force when they are built.
-    keras.mixed_precision.set_global_policy(
-        {"none": "float32", "float16": "mixed_float16", "bfloat16": "mixed_bfloat16"}[
-            config.mixed_precision])
+    keras.mixed_precision.set_global_policy(PRECISION_POLICIES[config.mixed_precision])
     tasks = select_tasks(experiment.tasks(config), config.tasks)
     task_names = [t.name for t in tasks]
     model_dir = config.model_dir or os.path.join("runs", experiment.name)
@@ -193,16 +194,11 @@ def train_and_evaluate(experiment: Experiment, config: Config) -> dict:
     with strategy.scope():
         model = experiment.model(config, task_names)
         if config.init_backbone_from:
-            from mtl import transfer
-
             transfer.init_backbone(model.backbone, config.init_backbone_from)
             logging.info("Backbone initialised from %s.", config.init_backbone_from)
-        trainer = Trainer(model, tasks, optimizer=optimizers.get(config.optimizer,
-                                                                  config.learning_rate),
-                          weighting=weighting_lib.get(config.weighting,
-                                                      **config.weighting_options),
-                          model_dir=model_dir, strategy=strategy,
-                          options=config.trainer_options())
+        trainer = Trainer(model, tasks, optimizer=config.optimizer_object(),
+                          weighting=config.weighting_method(), model_dir=model_dir,
+                          strategy=strategy, options=config.trainer)
     if trainer.is_chief:
         run_record.write_once(os.path.join(model_dir, CONFIG_RECORD),
                               {"experiment": experiment.name, **config.to_json(),
@@ -229,45 +225,14 @@ def train_and_evaluate(experiment: Experiment, config: Config) -> dict:
 
 
 def main(experiment: Experiment, argv: Sequence[str]) -> None:
-    """The `main` of an experiment script: parsed flags -> `train_and_evaluate`.
-
-    Bad input (a flag value, a task name, a dataset) ends the run with its message and exit
-    status 2 instead of a traceback; nothing already saved in the run folder is touched. A
-    non-finite loss or a checkpoint that cannot be read or written ends it with status 1; a
-    SIGTERM/SIGINT saves a checkpoint and ends it with status 143/130.
+    """The `main` of an experiment script: parsed flags -> `train_and_evaluate`. Run it with
+    `mtl.cli.run`, which ends the program on bad input (status 2, nothing saved is touched),
+    on training that cannot go on (status 1) or on a signal (143/130) with one line saying why.
     """
-    from absl import app
-
-    from mtl import flags
-
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {list(argv[1:])}")
     progress.quiet_library_info()
-    try:
-        config = flags.config_from_flags()
-    except UsageError as e:
-        _exit_with_error(e)
-    from mtl import trainer as trainer_lib
-
-    try:
-        train_and_evaluate(experiment, config)
-    except trainer_lib.TrainingStopped as e:
-        import sys
-
-        print(e.message, file=sys.stderr)
-        sys.exit(e.code)
-    except UsageError as e:  # first: a refused model_dir is also a checkpoint error
-        _exit_with_error(e)
-    except (trainer_lib.NonFiniteError, trainer_lib.CheckpointReadError,
-            trainer_lib.CheckpointWriteError) as e:
-        _exit_with_error(e, status=1)
-
-
-def _exit_with_error(error: Exception, status: int = 2) -> None:
-    import sys
-
-    print(f"error: {error}", file=sys.stderr)
-    sys.exit(status)
+    train_and_evaluate(experiment, flags.config_from_flags())
 
 
 def format_results_table(results: dict, step: int | None = None, title: str = "Results"

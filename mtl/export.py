@@ -34,8 +34,10 @@ from typing import Mapping, Sequence
 import keras
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from mtl import model as model_lib
+from mtl import runs
 from mtl.errors import UsageError, UsageTypeError
 
 JOINT = "joint"
@@ -215,17 +217,15 @@ def export_run(model_dir: str, export_dir: str, tasks: Sequence[str] | None = No
     """Rebuilds a run's model (see `mtl.runs.restore_model`), restores its newest readable
     checkpoint (or `checkpoint`) and `export`s it.
 
-    `image_scaling="auto"`: read off the run's eval data (`mtl.runs.detect_image_scaling`; a run
+    `image_scaling="auto"`: read off the run's eval data (`detect_image_scaling`; a run
     made with the Python API has none to read: nothing is recorded). None or a value as for
     `export` states it.
     """
-    from mtl import runs
-
     _check_export_dir(export_dir)
     run = runs.restore_model(model_dir, experiments_dir=experiments_dir, checkpoint=checkpoint)
     tasks = check_tasks(run.model, tasks)  # Fail before writing anything.
     if image_scaling == AUTO:
-        image_scaling = runs.detect_image_scaling(model_dir, experiments_dir=experiments_dir)
+        image_scaling = detect_image_scaling(model_dir, experiments_dir=experiments_dir)
     return export(run.model, export_dir, tasks, joint=joint, image_scaling=image_scaling,
                   info={"model_dir": os.path.abspath(model_dir), "checkpoint": run.checkpoint,
                         "step": run.step})
@@ -387,3 +387,33 @@ def _check_unit_interval(array: np.ndarray, scaling: str | None, refuse) -> None
             raise refuse(f"values in [{low:g}, {high:g}], but the model was trained on images "
                          "in [0, 1].", "Pixels 0..255 go in as integers (uint8), converted "
                          "to x / 255, or as floats divided by 255.")
+
+
+def detect_image_scaling(model_dir: str, *, experiments_dir: str | None = None,
+                         num_examples: int = 32) -> dict[str, str]:
+    """How the run's data pipeline turned integer pixels into its float images, read off its
+    own eval data: `{input name: "unit_interval"}` for every float image input (rank >= 3 with
+    the batch axis) whose values are all k / 255 for integers k in 0..255 (what
+    `mtl.data.pipeline.to_float_image` makes of uint8 images). Inputs scaled otherwise
+    (standardised with a mean and std, for instance) are left out; so is everything when the run
+    has no config.json or its data cannot be read (with a warning)."""
+    if not runs.has_config(model_dir):
+        return {}
+    try:
+        features, _ = runs.eval_batch(model_dir, num_examples, experiments_dir=experiments_dir)
+    except Exception as e:  # noqa: BLE001 — an export does not need the data; say why.
+        logging.warning("Could not read the eval data of %s to tell how it scaled images (%s: "
+                        "%s); the export records no image scaling, and predict refuses integer "
+                        "pixels.", model_dir, type(e).__name__, str(e).splitlines()[0])
+        return {}
+    named = features if isinstance(features, Mapping) else {SINGLE_INPUT: features}
+    found = {}
+    for name, value in named.items():
+        values = np.asarray(value)
+        if values.dtype.kind != "f" or values.ndim < 3 or not values.size:
+            continue
+        levels = values.astype(np.float64) * 255.0
+        if values.min() >= 0.0 and values.max() <= 1.0 and \
+                np.abs(levels - np.round(levels)).max() < 1e-3:
+            found[name] = UNIT_INTERVAL
+    return found

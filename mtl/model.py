@@ -1,6 +1,6 @@
 """`MultiTaskModel`: one Functional Keras model, inputs -> {task_name: output}.
 
-Two ways to build one:
+Three ways to build one:
   * `MultiTaskModel(backbone, heads)`: a shared backbone (a Functional model) computed once per
     batch, feeding one head per task.
   * `MultiTaskModel.from_models({task: keras.Model})`: models built separately that share layer
@@ -25,16 +25,14 @@ from mtl.tasks import check_task_name
 
 def input_structure(model: keras.Model):
     """The model's symbolic inputs in their structure (a tensor, list or dict)."""
-    functional = getattr(model, "_functional", None) or model  # Sequential wraps a Functional.
-    structure = getattr(functional, "_inputs_struct", None)
-    if structure is None:
-        inputs = getattr(model, "inputs", None)
-        if not inputs:
-            raise UsageError(
-                f"Model {model.name!r} has no defined inputs; build it with a keras.Input (a "
-                "Functional model, or a Sequential whose first layer is keras.Input(shape)).")
-        structure = inputs[0] if len(inputs) == 1 else inputs
-    return structure
+    if isinstance(model, keras.Function):  # A Functional model: `input` is what it was built on.
+        return model.input
+    inputs = getattr(model, "inputs", None)  # A Sequential's, once it has a keras.Input.
+    if not inputs:
+        raise UsageError(
+            f"Model {model.name!r} has no defined inputs; build it with a keras.Input (a "
+            "Functional model, or a Sequential whose first layer is keras.Input(shape)).")
+    return inputs[0] if len(inputs) == 1 else inputs
 
 
 def _fresh_inputs(model: keras.Model):
@@ -52,6 +50,16 @@ class _Refs:
         self.__dict__.update(attributes)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Architecture:
+    """What built a `from_outputs` model: the architecture's spec, the builder's call and the
+    heads it was given (all None for a model no architecture built)."""
+
+    spec: object = None
+    args: dict | None = None
+    heads: dict | None = None
+
+
 class MultiTaskModel(keras.Model):
     """A Functional model whose outputs are a dict keyed by task name.
 
@@ -67,18 +75,18 @@ class MultiTaskModel(keras.Model):
             inputs, outputs = _task_models
             super().__init__(inputs=inputs, outputs=outputs, name=name)
             self._mtl = _Refs(backbone=None, heads=dict(heads), task_models=dict(heads),
-                              architecture=_architecture)
+                              architecture=_architecture or _Architecture())
             return
         if not isinstance(backbone, keras.Model):
             raise UsageTypeError(f"backbone must be a keras.Model (Functional); got {type(backbone)}.")
-        heads = _check_heads(heads, layers=True)
+        heads = check_heads(heads, layers=True)
         inputs = _fresh_inputs(backbone)
         features = backbone(inputs)
         outputs = {task: _one_output(head(features), f"head {task!r}")
                    for task, head in heads.items()}
         super().__init__(inputs=inputs, outputs=outputs, name=name)
         self._mtl = _Refs(backbone=backbone, heads=heads, task_models={},
-                          symbolic=(inputs, outputs), architecture=None)
+                          symbolic=(inputs, outputs), architecture=_Architecture())
 
     @classmethod
     def from_models(cls, models: Mapping[str, keras.Model], *,
@@ -87,7 +95,7 @@ class MultiTaskModel(keras.Model):
 
         All models must take inputs of the same structure and shape (one batch feeds them all).
         """
-        models = _check_heads(models, what="models")
+        models = check_heads(models, what="models")
         specs = {}
         for task, model in models.items():
             if not isinstance(model, keras.Model):
@@ -112,7 +120,10 @@ class MultiTaskModel(keras.Model):
 
     @classmethod
     def from_outputs(cls, inputs, outputs: Mapping[str, object], *,
-                     name: str = "multi_task_model", architecture=None) -> "MultiTaskModel":
+                     name: str = "multi_task_model", architecture=None,
+                     architecture_args: Mapping | None = None,
+                     architecture_heads: Mapping[str, keras.layers.Layer] | None = None
+                     ) -> "MultiTaskModel":
         """A multi-task model from a Functional graph: symbolic `inputs` (a `keras.Input`, or a
         list or dict of them) and `{task_name: symbolic output}`.
 
@@ -122,8 +133,30 @@ class MultiTaskModel(keras.Model):
         of every variable more than one task uses. There is no single shared representation, so
         `gradient_mode="rep"` is refused. `architecture` (an object with a `name` and a
         `no_rep_reason`) names the architecture in messages; `mtl.architectures` sets it.
+
+        `architecture_args` (the call to `mtl.architectures.build` that rebuilds this graph:
+        `{"architecture", "input_shape", "backbone", "backbone_config", "options"}`) and
+        `architecture_heads` (`{task: head layer}`, the heads that call was given) go together:
+        `mtl.model_record` records a model that has them as that call and its heads.
         """
-        outputs = _check_heads(outputs, what="outputs")
+        outputs = check_heads(outputs, what="outputs")
+        if (architecture_args is None) != (architecture_heads is None):
+            given, missing = (("architecture_args", "architecture_heads")
+                              if architecture_heads is None else
+                              ("architecture_heads", "architecture_args"))
+            raise UsageError(f"from_outputs: {given} was given without {missing}; expected both "
+                             "(the call that built the graph and the heads it was given) or "
+                             "neither.")
+        if architecture_args is not None:
+            if not isinstance(architecture_args, Mapping):
+                raise UsageTypeError(f"from_outputs: architecture_args must be a dict; got "
+                                     f"{type(architecture_args).__name__}.")
+            architecture_heads = check_heads(architecture_heads, what="architecture_heads",
+                                              layers=True)
+            if set(architecture_heads) != set(outputs):
+                raise UsageError(f"from_outputs: architecture_heads has the tasks "
+                                 f"{sorted(architecture_heads)}; expected the outputs' "
+                                 f"{sorted(outputs)}.")
         for task, output in outputs.items():
             _one_output(output, f"output {task!r}")
             if not isinstance(output, keras.KerasTensor):
@@ -133,13 +166,28 @@ class MultiTaskModel(keras.Model):
         task_models = {task: keras.Model(inputs, output, name=f"{task}_model")
                        for task, output in outputs.items()}
         return cls(None, task_models, name=name, _task_models=(inputs, dict(outputs)),
-                   _architecture=architecture)
+                   _architecture=_Architecture(architecture, _copied(architecture_args),
+                                               architecture_heads))
 
     @property
     def architecture(self):
         """The soft-sharing architecture this model was built as (None: hard sharing or
         `from_models`)."""
-        return self._mtl.architecture
+        return self._mtl.architecture.spec
+
+    @property
+    def architecture_args(self) -> dict | None:
+        """The call to `mtl.architectures.build` that built this model (`{"architecture",
+        "input_shape", "backbone", "backbone_config", "options"}`, every option with its value,
+        defaults included); None for a model no architecture built."""
+        return _copied(self._mtl.architecture.args)
+
+    @property
+    def architecture_heads(self) -> dict | None:
+        """`{task: head layer}` that the architecture's builder was given (the layers
+        themselves); None for a model no architecture built."""
+        heads = self._mtl.architecture.heads
+        return None if heads is None else dict(heads)
 
     @property
     def backbone(self) -> keras.Model | None:
@@ -165,7 +213,7 @@ class MultiTaskModel(keras.Model):
         """
         if self.backbone is None:
             raise UsageError("add_heads needs a MultiTaskModel built from a backbone and heads.")
-        heads = _check_heads(heads, layers=True)
+        heads = check_heads(heads, layers=True)
         clash = sorted(set(heads) & set(self.task_names))
         if clash:
             raise UsageError(f"add_heads: task {clash[0]!r} already has a head; the model's "
@@ -182,7 +230,7 @@ class MultiTaskModel(keras.Model):
         return self._mtl.task_models[name]
 
 
-def _check_heads(heads, what="heads", layers: bool = False) -> dict:
+def check_heads(heads, what="heads", layers: bool = False) -> dict:
     """`heads` as a dict, checked: task names as keys; with `layers`, a layer (or another
     callable on the backbone's output) as each value."""
     if not isinstance(heads, Mapping) or not heads:
@@ -195,6 +243,15 @@ def _check_heads(heads, what="heads", layers: bool = False) -> dict:
                 "a Keras layer that maps the backbone's output to the task's output, such as "
                 "mtl.heads.classification(10) or mtl.heads.regression(1).")
     return dict(heads)
+
+
+def _copied(value):
+    """`value` with its dicts, lists and tuples copied (the values in them are the same)."""
+    if isinstance(value, Mapping):
+        return {key: _copied(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_copied(item) for item in value)
+    return value
 
 
 def _one_output(output, what: str):

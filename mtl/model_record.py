@@ -80,11 +80,11 @@ def model_record(model: keras.Model) -> dict:
     shared. Raises `ModelRecordError` for classes Keras could not find when rebuilding
     (custom classes that are not `keras.saving.register_keras_serializable`).
     """
-    build_args = getattr(getattr(model, "_mtl", None), "build_args", None)
+    build_args = getattr(model, "architecture_args", None)
     if isinstance(model, MultiTaskModel) and build_args is not None:
         # A soft-sharing architecture: its heads, and the call that builds the rest.
         kind, objects = "architecture", {f"task:{task}": head
-                                         for task, head in model._mtl.head_layers.items()}
+                                         for task, head in model.architecture_heads.items()}
     elif isinstance(model, MultiTaskModel):
         if model.backbone is not None:
             kind, objects = "backbone_heads", {"backbone": model.backbone, **{

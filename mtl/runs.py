@@ -22,16 +22,18 @@ import json
 import os
 import re
 import sys
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import keras
-import numpy as np
 import tensorflow as tf
 from absl import logging
 
 from mtl import checkpoints, transfer
 from mtl.model_record import MODEL_FILE, read_model_record, rebuild_model
-from mtl.config import Config, UsageError
+from mtl.config import Config
+from mtl.errors import UsageError
+from mtl.experiment import Experiment, select_tasks
+from mtl.options import PRECISION_POLICIES
 
 EXPERIMENTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                "experiments")
@@ -75,7 +77,7 @@ def read_config(model_dir: str) -> tuple[str, Config]:
     name = saved.pop("experiment", None)
     if not name:
         raise UsageError(f"{path} does not say which experiment wrote it (no 'experiment' key).")
-    return name, config_from_dict(saved)
+    return name, Config.from_json(saved)
 
 
 def _read_json(path: str) -> dict:
@@ -89,19 +91,8 @@ def _read_json(path: str) -> dict:
     return value
 
 
-def config_from_dict(values: dict) -> Config:
-    """A `Config` from config.json's values; keys that `Config` no longer has are ignored."""
-    fields = {f.name for f in dataclasses.fields(Config)}
-    kwargs = {k: v for k, v in values.items() if k in fields}
-    if kwargs.get("tasks") is not None:
-        kwargs["tasks"] = tuple(kwargs["tasks"])
-    return Config(**kwargs)
-
-
 def load_experiment(name: str, experiments_dir: str | None = None):
     """`EXPERIMENT` of `<experiments_dir>/<name>.py` (default: the repository's experiments/)."""
-    from mtl.experiment import Experiment
-
     directory = experiments_dir or EXPERIMENTS_DIR
     path = os.path.join(directory, f"{name}.py")
     experiment = getattr(experiment_script(name, directory), "EXPERIMENT", None)
@@ -135,8 +126,6 @@ def experiment_script(name: str, experiments_dir: str | None = None):
 
 def task_names(experiment, config: Config) -> list[str]:
     """The tasks a run of `experiment` with `config` trained (its `--tasks`, or all)."""
-    from mtl.experiment import select_tasks
-
     return [t.name for t in select_tasks(experiment.tasks(config), config.tasks)]
 
 
@@ -184,9 +173,7 @@ def restore_model(model_dir: str, *, experiments_dir: str | None = None,
 
 def _experiment_model(experiment, config: Config) -> keras.Model:
     previous = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy(
-        {"none": "float32", "float16": "mixed_float16", "bfloat16": "mixed_bfloat16"}[
-            config.mixed_precision])
+    keras.mixed_precision.set_global_policy(PRECISION_POLICIES[config.mixed_precision])
     try:
         return experiment.model(config, task_names(experiment, config))
     finally:
@@ -284,35 +271,3 @@ def eval_batch(model_dir: str, num_examples: int, *, experiments_dir: str | None
     names = list(tasks) if tasks else task_names(experiment, config)
     element = next(iter(experiment.eval_data(config, names)))
     return element[0], element[1]
-
-
-def detect_image_scaling(model_dir: str, *, experiments_dir: str | None = None,
-                         num_examples: int = 32) -> dict[str, str]:
-    """How the run's data pipeline turned integer pixels into its float images, read off its
-    own eval data: `{input name: "unit_interval"}` for every float image input (rank >= 3 with
-    the batch axis) whose values are all k / 255 for integers k in 0..255 (what
-    `mtl.data.pipeline.to_float_image` makes of uint8 images). Inputs scaled otherwise
-    (standardised with a mean and std, for instance) are left out; so is everything when the run
-    has no config.json or its data cannot be read (with a warning)."""
-    from mtl import export
-
-    if not has_config(model_dir):
-        return {}
-    try:
-        features, _ = eval_batch(model_dir, num_examples, experiments_dir=experiments_dir)
-    except Exception as e:  # noqa: BLE001 — an export does not need the data; say why.
-        logging.warning("Could not read the eval data of %s to tell how it scaled images (%s: "
-                        "%s); the export records no image scaling, and predict refuses integer "
-                        "pixels.", model_dir, type(e).__name__, str(e).splitlines()[0])
-        return {}
-    named = features if isinstance(features, Mapping) else {export.SINGLE_INPUT: features}
-    found = {}
-    for name, value in named.items():
-        values = np.asarray(value)
-        if values.dtype.kind != "f" or values.ndim < 3 or not values.size:
-            continue
-        levels = values.astype(np.float64) * 255.0
-        if values.min() >= 0.0 and values.max() <= 1.0 and \
-                np.abs(levels - np.round(levels)).max() < 1e-3:
-            found[name] = export.UNIT_INTERVAL
-    return found

@@ -11,7 +11,6 @@ loops: nothing here runs inside `tf.function`.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
 from typing import Sequence
@@ -26,11 +25,12 @@ from mtl import (actions, checkpoints, model_record, preemption, progress, run_r
 from mtl import weighting as weighting_lib
 from mtl.checkpoints import CheckpointReadError, CheckpointWriteError  # noqa: F401 (API)
 from mtl.errors import UsageError, UsageTypeError
-from mtl.options import TrainerOptions, scope_text
+from mtl import options as options_lib
+from mtl.options import TrainerOptions
 from mtl.finetune import layers_to_unfreeze, optimizer_groups, trainable_weights_when_unfrozen
 from mtl.input_state import Data, InputState, distribute, input_context
 from mtl.preemption import TrainingStopped  # noqa: F401 (API)
-from mtl.step import LossScale, TrainStep, unique_variables
+from mtl.step import LossScale, TrainStep, UpdateStats, plan, seed_states, unique_variables
 from mtl.tasks import Task
 
 
@@ -116,16 +116,14 @@ class Trainer:
         _check_optimizer_clipping(self.optimizer, self.strategy)
         self.weighting = weighting_lib.get(weighting)
         # An unbuilt copy: per-group methods (granularity) start from the same options.
-        self._method_template = copy.deepcopy(self.weighting) if (
-            self.options.granularity != "all"
-            and isinstance(self.weighting, weighting_lib.GradientWeighting)) else None
-        _check_gradient_mode(self.weighting, self.options.gradient_mode, model)
-        _check_jacobian_options(self.weighting, self.options)
+        self._method_template = plan.method_template(self.weighting, self.options)
+        plan.check(self.weighting, self.options, model)
         self._check_built_in_scope()
         self._to_unfreeze = self._freeze()
         with self.strategy.scope():
             self.weighting.build([t.name for t in self.tasks], [t.weight for t in self.tasks])
-            self.group_methods = self._group_methods()
+            self.group_methods = plan.group_methods(self.weighting, self._method_template,
+                                                    self.options, self.model, self.tasks)
             self.variables = self._trainable_now()
             backbone = getattr(model, "backbone", None)
             # Keras 3 under MirroredStrategy needs every optimizer built in the scope before
@@ -173,57 +171,6 @@ class Trainer:
             return []
         return layers_to_unfreeze(backbone, fine.unfreeze_top_layers)
 
-    def _group_key(self, variable) -> str:
-        """The group of a shared variable under `options.granularity` (its layer, or itself)."""
-        if self.options.granularity == "variable":
-            return variable.path
-        return variable.path.rsplit("/", 1)[0]
-
-    def _group_methods(self) -> dict:
-        """One method instance per group of shared variables (granularity "layer" or
-        "variable"), built like the main one; empty for "all"."""
-        if self.options.granularity == "all":
-            return {}
-        if not isinstance(self.weighting, weighting_lib.GradientWeighting):
-            raise UsageError(f"granularity={self.options.granularity!r} applies to gradient-based "
-                             f"weighting methods; {self.weighting.name!r} is loss-based.")
-        keys = dict.fromkeys(self._group_key(v) for v in shared_variables(
-            self.model, [t.name for t in self.tasks], trainable_only=False))
-        methods = {}
-        for key in keys:
-            method = copy.deepcopy(self._method_template)
-            method.build([t.name for t in self.tasks], [t.weight for t in self.tasks])
-            methods[key] = method
-        return methods
-
-    def _scope_variables(self, shared: list) -> list | None:
-        """The shared variables of `options.jacobian_scope` (None: no scope): of the last N
-        shared layers ("top:N", in the model's variable order), or of the layers named (a
-        layer's path, or its last part: "conv_1" names every layer called conv_1)."""
-        scope = self.options.jacobian_scope
-        if scope is None:
-            return None
-        if not isinstance(self.weighting, weighting_lib.GramianWeighting):
-            gramian_methods = sorted(n for n, c in weighting_lib.METHODS.items()
-                                     if issubclass(c, weighting_lib.GramianWeighting))
-            raise UsageError(
-                f"jacobian_scope applies to methods whose weights come from the Gramian of the "
-                f"task gradients; {self.weighting.name!r} is not one. Use one of "
-                f"{gramian_methods}, or leave jacobian_scope unset.")
-        layers = list(dict.fromkeys(v.path.rsplit("/", 1)[0] for v in shared))
-        if scope[0] == "top":
-            chosen = set(layers[-scope[1]:])
-        else:
-            chosen = set()
-            for name in scope[1]:
-                found = [k for k in layers if k == name or k.endswith("/" + name)]
-                if not found:
-                    raise UsageError(f"jacobian_scope names layer {name!r}, which has no "
-                                     f"variable shared by several tasks; the shared layers are "
-                                     f"{layers}.")
-                chosen.update(found)
-        return [v for v in shared if v.path.rsplit("/", 1)[0] in chosen]
-
     def _checkpointed(self) -> dict:
         """Everything a resumed run needs besides the input position."""
         objects = {name: optimizer for name, (optimizer, _) in self.optimizer_groups.items()}
@@ -234,7 +181,7 @@ class Trainer:
             skipped_steps=self.skipped_steps,
             # Dropout's RNG state lives in SeedGenerator variables that checkpointing the
             # model does not reach; saving them makes a resumed run draw the same masks.
-            seed_states=_seed_states(self.model))
+            seed_states=seed_states(self.model))
         if self.loss_scale is not None:
             objects["loss_scale"] = self.loss_scale
         return objects
@@ -245,14 +192,14 @@ class Trainer:
 
     def _build_step(self) -> None:
         """(Re)creates the compiled functions for the currently trainable variables."""
-        shared = shared_variables(self.model, [t.name for t in self.tasks])
+        shared = plan.shared_variables(self.model, [t.name for t in self.tasks])
         self._steps = TrainStep(
             model=self.model, tasks=self.tasks, weighting=self.weighting,
             strategy=self.strategy, options=self.options,
             optimizer_groups=self.optimizer_groups, variables=self.variables,
             shared_variables=shared,
-            scope_variables=self._scope_variables(shared),
-            group_methods=self.group_methods, group_of=self._group_key,
+            scope_variables=plan.scope_variables(self.weighting, self.options, shared),
+            group_methods=self.group_methods,
             train_metrics=self.train_metrics, eval_metrics=self.eval_metrics,
             eval_losses=self.eval_losses, step=self.step, skipped_steps=self.skipped_steps,
             loss_scale=self.loss_scale)
@@ -433,9 +380,9 @@ class Trainer:
             f"Stopped by {why} at step {self.global_step}; {where}. Run the same command again "
             "to resume from this step.", signal_name=why)
 
-    def _raise_nonfinite(self, stats: np.ndarray) -> None:
+    def _raise_nonfinite(self, stats: UpdateStats) -> None:
         """Stops training on a non-finite loss or gradient (the bad update was not applied)."""
-        losses = stats[:len(self.tasks)]
+        losses = stats.task_losses
         bad = [t.name for t, v in zip(self.tasks, losses) if not np.isfinite(v)]
         what = (f"non-finite loss in task(s) {bad}" if bad else
                 "non-finite gradient (task losses were finite: "
@@ -532,15 +479,8 @@ class Trainer:
                                       if hasattr(method, k)}},
             "optimizer": {"class": type(self.optimizer).__name__, **optimizer},
             "precision": getattr(policy, "name", str(policy)),
-            "grad_accum_steps": self.options.grad_accum_steps,
-            "gradient_mode": self.options.gradient_mode,
-            "granularity": self.options.granularity,
-            "clip_norm": self.options.clip_norm,
-            "jacobian_scope": scope_text(self.options.jacobian_scope),
-            # float32 (the default) as None: runs recorded before the setting existed match.
-            "jacobian_dtype": (None if self.options.jacobian_dtype == "float32"
-                               else self.options.jacobian_dtype),
-            "fine_tuning": dataclasses.asdict(self.options.fine_tuning),
+            # Every state-shaping setting, as its field records it.
+            **options_lib.record_entries(self.options),
         }
 
     def _check_record(self) -> dict:
@@ -577,53 +517,6 @@ class NonFiniteError(FloatingPointError):
     """A task loss or gradient became NaN or inf; raised before the bad update is applied."""
 
 
-def _check_gradient_mode(method, mode: str, model) -> None:
-    if not isinstance(method, weighting_lib.GradientWeighting):
-        if mode != "exact":
-            raise UsageError(f"gradient_mode={mode!r} applies to gradient-based weighting "
-                             f"methods; {method.name!r} is loss-based.")
-        return
-    if mode != "rep":
-        return
-    if not method.supports_rep:
-        offered = sorted(n for n, c in weighting_lib.METHODS.items()
-                         if getattr(c, "supports_rep", False))
-        raise UsageError(f"gradient_mode='rep' is not defined for weighting {method.name!r}: "
-                         f"{method.no_rep_reason}. Use gradient_mode='exact', or a method whose "
-                         f"paper defines rep mode ({', '.join(offered)}).")
-    architecture = getattr(model, "architecture", None)
-    if architecture is not None:
-        raise UsageError(f"gradient_mode='rep' is not defined for the {architecture.name!r} "
-                         f"architecture: {architecture.no_rep_reason}. Use gradient_mode='exact' "
-                         "(the methods combine the task gradients of every variable more than "
-                         "one task uses), or the 'hps' architecture.")
-    if getattr(model, "backbone", None) is None:
-        raise UsageError("gradient_mode='rep' needs a MultiTaskModel built from a backbone and "
-                         "heads (the shared representation is the backbone's output).")
-
-
-def _check_jacobian_options(method, options) -> None:
-    """jacobian_chunk_size and jacobian_dtype shape the per-task gradients of shared variables:
-    set with a method or a mode that computes none, they would be ignored. Refused, naming why."""
-    given = []
-    if options.jacobian_chunk_size is not None:
-        given.append(f"jacobian_chunk_size={options.jacobian_chunk_size}")
-    if options.jacobian_dtype != "float32":
-        given.append(f"jacobian_dtype={options.jacobian_dtype!r}")
-    if not given:
-        return
-    if not isinstance(method, weighting_lib.GradientWeighting):
-        raise UsageError(f"{' and '.join(given)} shape the per-task gradients of gradient-based "
-                         f"weighting methods; {method.name!r} is loss-based and computes none. "
-                         "Leave them unset, or use a gradient-based method.")
-    if options.gradient_mode == "rep":
-        raise UsageError(f"{' and '.join(given)} shape the per-task gradients of the shared "
-                         "variables (exact mode, or a jacobian_scope); gradient_mode='rep' "
-                         "computes them of the shared representation instead, one batched "
-                         "Jacobian [T, batch, features] in the features' dtype. Leave them "
-                         "unset, or use gradient_mode='exact'.")
-
-
 def _check_optimizer_clipping(optimizer, strategy) -> None:
     """Keras 3 clips inside `apply_gradients`, on each replica's part of the gradient before the
     sum (PITFALLS): under several replicas that is not the one-device clipping. Refused there,
@@ -641,32 +534,6 @@ def _check_optimizer_clipping(optimizer, strategy) -> None:
                 "gradient.")
 
 
-def shared_variables(model, task_names, *, trainable_only: bool = True) -> list:
-    """Variables that more than one task's output depends on (by layer use): the trainable
-    ones, or (`trainable_only=False`) all of them, frozen ones included."""
-    users: dict[int, int] = {}
-    task_model = getattr(model, "task_model", None)
-    if task_model is None:
-        return []
-    for name in task_names:
-        task = task_model(name)
-        for v in (task.trainable_variables if trainable_only else task.weights):
-            users[id(v)] = users.get(id(v), 0) + 1
-    pool = model.trainable_variables if trainable_only else model.weights
-    return [v for v in pool if users.get(id(v), 0) > 1]
-
-
 def _computes_in_float16(model) -> bool:
     return any(getattr(layer, "compute_dtype", None) == "float16"
                for layer in model._flatten_layers(include_self=True, recursive=True))
-
-
-def _seed_states(model: keras.Model) -> list:
-    states = []
-    for layer in model._flatten_layers(include_self=True, recursive=True):
-        for generator in getattr(layer, "_seed_generators", ()) or ():
-            states.append(generator.state)
-    return unique_variables(states)
-
-
-

@@ -31,14 +31,6 @@ its default settings (ratio > 1: slower than mtl):
   --variants=step_cost   the cost of one semantics: bare_step, equal, an adaptive loss method
                          (uncertainty: with K=2 it needs a forward pre-pass over the update), an
                          exact Jacobian method and a rep-mode method (mgda), each with K=1, 2
-  --tasks_sweep=3,12,40  the cost of many tasks, on a celeb_a-style model (the resnet backbone
-                         on 64x64x3 images, one binary head per task, random data): time per
-                         step and peak memory (resident set on CPU; the allocator's peak on a
-                         GPU) of equal weighting, --sweep_method in exact mode (one Jacobian of
-                         all tasks, and the default task chunks), a partial
-                         Jacobian (--sweep_scope) and rep mode, each as a ratio to equal at the
-                         same task count. Each (tasks, variant) runs in its own process (a
-                         process's peak memory only grows); a plot goes next to --out
 
 Variants are built and warmed up first, then timed in turn (interleaved) `--repeats` times, so
 that a change in the machine's load falls on all of them alike.
@@ -48,20 +40,16 @@ that a change in the machine's load falls on all of them alike.
     python scripts/benchmark.py --variants=step_cost              # K and mode costs vs the floor
     python scripts/benchmark.py --variants=architectures          # each architecture vs hps
     python scripts/benchmark.py --strategy=mirrored --num_gpus=2  # on a GPU workstation
-    python scripts/benchmark.py --tasks_sweep=3,12,40 --batch_size=32 --steps=3 --repeats=3
 
 Absolute times depend on the machine and its load; compare ratios from one run. A flag value
 that is not known (a task, a weighting method, a variant, a backbone, a strategy) prints
-`error: ...` and exits with status 2 before anything is built.
+`error: ...` and exits with status 2 before anything is built. The cost of many tasks (time and
+memory against the number of tasks): scripts/benchmark_tasks.py.
 """
 
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-import json  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
 
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -71,24 +59,13 @@ import mtl  # noqa: E402
 from mtl import cli  # noqa: E402
 from mtl.data import multi_digits  # noqa: E402
 
+from benchmark_common import machine, timed_interleaved, validate_list, write_json  # noqa: E402
+
 TASKS = ("left", "right", "sum")
 VARIANTS = ("mtl", "mtl/steps_per_loop=1", "mtl/steps_per_loop=N", "mtl/jit_compile",
             "mtl/bfloat16", "mtl/float16", "mtl/grad_accum", "keras_fit", "keras_fit/spe=10",
             "naive_per_task", "bare_step", "mtl/pipeline")
 
-#: The many-task variants: (description, Trainer settings given T).
-SWEEP_VARIANTS = {
-    "equal": "equal weighting",
-    "exact/unchunked": "exact mode, one batched Jacobian of all tasks",
-    "exact/chunked": "exact mode, the default task chunks",
-    "exact/backward": "exact mode's Gramian (every shared layer) with the weights applied by "
-                      "one more backward pass (the partial-Jacobian path at full scope)",
-    "partial": "partial Jacobians (one variant partial/<scope> per --sweep_scope)",
-    "rep": "rep mode (the Gramian of the representation's gradients)",
-}
-
-#: A jacobian_scope "top:N" beyond any model's shared layers.
-ALL_LAYERS = 10 ** 6
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("backbone", "small_cnn", sorted(mtl.backbones.BUILDERS), "Backbone builder.")
 flags.DEFINE_list("tasks", list(TASKS), "multi_digits tasks.")
@@ -106,17 +83,6 @@ flags.DEFINE_integer("cpu_replicas", None, "Logical CPU replicas for --strategy=
                      lower_bound=1)
 flags.DEFINE_string("data_dir", None, "TFDS data folder.")
 flags.DEFINE_string("out", "benchmark_results/benchmark.json", "Where to write the JSON table.")
-flags.DEFINE_list("tasks_sweep", [], "Task counts for the many-task cost curve (e.g. 3,12,40).")
-flags.DEFINE_list("sweep_variants", list(SWEEP_VARIANTS), "Variants of --tasks_sweep.")
-flags.DEFINE_string("sweep_method", "mgda", "Gradient method of the --tasks_sweep variants.")
-flags.DEFINE_list("sweep_scope", ["top:1", "top:2"], "jacobian_scope of the sweep's partial "
-                  "variants (one variant partial/<scope> each).")
-flags.DEFINE_integer("sweep_chunk_size", None, "jacobian_chunk_size of the sweep's "
-                     "exact/chunked variant (unset: the default).", lower_bound=1)
-flags.DEFINE_integer("sweep_image_size", 64, "Image side of the --tasks_sweep model.",
-                     lower_bound=8)
-flags.DEFINE_string("sweep_child", None, "Internal: run one TASKS:VARIANT of the sweep and "
-                    "print its measurement.")
 
 CE = keras.losses.SparseCategoricalCrossentropy
 
@@ -130,28 +96,15 @@ def _weighting_variant(name: str):
     return None
 
 
-def _validate_list(flag: str, known, expected: str) -> None:
-    """Refuses, when the flags are parsed, a value of list flag `flag` that `known` rejects."""
-    def check(values):
-        unknown = [v for v in values if not known(v)]
-        if unknown:
-            raise flags.ValidationError(f"unknown value {unknown[0]!r}; expected {expected}")
-        return True
-
-    flags.register_validator(flag, check)
-
-
-_validate_list("tasks", lambda v: v in TASKS, f"some of {list(TASKS)}")
-_validate_list("sweep_variants", lambda v: v in SWEEP_VARIANTS, f"some of {list(SWEEP_VARIANTS)}")
-_validate_list("tasks_sweep", lambda v: v.isdigit() and int(v) >= 1, "task counts >= 1")
-_validate_list("weighting", lambda v: v == "all" or v in mtl.weighting.METHODS,
-               f"'all' or some of {sorted(mtl.weighting.METHODS)}")
-_validate_list("variants", lambda v: v in VARIANTS or v in ("step_cost", "architectures")
-               or _weighting_variant(v) is not None
-               or (v.startswith("architecture/")
-                   and v.split("/", 1)[1] in mtl.architectures.ARCHITECTURES),
-               f"'step_cost', 'architectures', or some of {list(VARIANTS)}, "
-               "weighting/<method>/<exact|rep>[/K=2] and architecture/<name>")
+validate_list("tasks", lambda v: v in TASKS, f"some of {list(TASKS)}")
+validate_list("weighting", lambda v: v == "all" or v in mtl.weighting.METHODS,
+              f"'all' or some of {sorted(mtl.weighting.METHODS)}")
+validate_list("variants", lambda v: v in VARIANTS or v in ("step_cost", "architectures")
+              or _weighting_variant(v) is not None
+              or (v.startswith("architecture/")
+                  and v.split("/", 1)[1] in mtl.architectures.ARCHITECTURES),
+              f"'step_cost', 'architectures', or some of {list(VARIANTS)}, "
+              "weighting/<method>/<exact|rep>[/K=2] and architecture/<name>")
 
 
 def task_specs():
@@ -186,20 +139,6 @@ STEP_COST = ["bare_step", "weighting/equal/exact", "weighting/equal/exact/K=2",
              "weighting/uncertainty/exact",
              "weighting/uncertainty/exact/K=2", "weighting/mgda/exact",
              "weighting/mgda/exact/K=2", "weighting/mgda/rep", "weighting/mgda/rep/K=2"]
-
-
-def timed_interleaved(runners, steps, repeats, warmups):
-    """runners: {name: run_steps(n)}. Warms each up, then times every one in turn `repeats`
-    times; returns {name: (median, min, max) seconds per step over the repetitions}."""
-    for name, run_steps in runners.items():
-        run_steps(warmups.get(name) or max(steps // 5, 2))  # tracing and compilation
-    times = {name: [] for name in runners}
-    for _ in range(repeats):
-        for name, run_steps in runners.items():
-            start = time.perf_counter()
-            run_steps(steps)
-            times[name].append((time.perf_counter() - start) / steps)
-    return {name: (statistics.median(t), min(t), max(t)) for name, t in times.items()}
 
 
 def mtl_variant(strategy, data, policy="float32", weighting="equal", architecture="hps",
@@ -280,191 +219,19 @@ def bare_variant(strategy, data):
     return run
 
 
-# --------------------------------------------------------------------- many-task cost curve
-def sweep_settings(variant: str, num_tasks: int) -> dict:
-    """Trainer settings of a --tasks_sweep variant at `num_tasks` tasks."""
-    method = {"weighting": FLAGS.sweep_method}
-    if variant.startswith("partial/"):
-        return dict(method, jacobian_scope=variant.split("/", 1)[1],
-                    jacobian_chunk_size=FLAGS.sweep_chunk_size)
-    return {"equal": {},
-            "exact/unchunked": dict(method, jacobian_chunk_size=num_tasks),
-            "exact/chunked": dict(method, jacobian_chunk_size=FLAGS.sweep_chunk_size),
-            # top:N past the model's shared layers: the scope is every one of them.
-            "exact/backward": dict(method, jacobian_scope=f"top:{ALL_LAYERS}",
-                                   jacobian_chunk_size=FLAGS.sweep_chunk_size),
-            "rep": dict(method, gradient_mode="rep")}[variant]
+def variant_names() -> list[str]:
+    """The variants --variants names, in order ('step_cost' and 'architectures' spelled out)."""
+    names = list(STEP_COST) if FLAGS.variants == ["step_cost"] else list(FLAGS.variants)
+    if names == ["architectures"]:
+        names = [f"architecture/{a}" for a in mtl.architectures.ARCHITECTURES]
+    return names
 
 
-class RssSampler:
-    """The largest resident set size seen while training (sampled every 5 ms from a thread),
-    apart from the process's all-time peak, which includes building the graphs."""
-
-    def __init__(self):
-        self.peak_mb = 0.0
-        self._stop = None
-
-    @staticmethod
-    def current_mb() -> float:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
-
-    def __enter__(self):
-        import threading
-
-        self._stop = threading.Event()
-
-        def sample():
-            while not self._stop.wait(0.005):
-                self.peak_mb = max(self.peak_mb, self.current_mb())
-
-        self._thread = threading.Thread(target=sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak_mb = max(self.peak_mb, self.current_mb())
-
-
-def sweep_child(spec: str) -> dict:
-    """Builds and times one (tasks, variant) of the sweep in this process: its time per step
-    (median, min, max over --repeats calls of --steps steps) and this process's peak memory."""
-    import resource
-
-    count, variant = spec.split(":", 1)
-    num_tasks = int(count)
-    size = FLAGS.sweep_image_size
-    keras.utils.set_random_seed(0)
-    names = [f"attribute_{i}" for i in range(num_tasks)]
-    model = mtl.architectures.build("hps", (size, size, 3),
-                                    {n: mtl.heads.binary(1) for n in names}, backbone="resnet")
-    tasks = [mtl.Task(n, loss=keras.losses.BinaryCrossentropy(from_logits=True))
-             for n in names]
-    rng = tf.random.Generator.from_seed(0)
-    batches = 4
-    images = rng.uniform([batches, FLAGS.batch_size, size, size, 3])
-    labels = {n: tf.cast(rng.uniform([batches, FLAGS.batch_size, 1]) < 0.5, tf.float32)
-              for n in names}
-    data = tf.data.Dataset.from_tensor_slices((images, labels)).cache().repeat()
-    trainer = mtl.Trainer(model, tasks, optimizer=keras.optimizers.SGD(1e-3),
-                          log_every=10 ** 9, checkpoint_every=None,
-                          steps_per_loop=FLAGS.steps, **sweep_settings(variant, num_tasks))
-    run = lambda n: trainer.fit(data, steps=trainer.global_step + n)  # noqa: E731
-    run(1)  # tracing and graph optimisation (their memory is the process peak's, not a step's)
-    sampler = RssSampler()
-    with sampler:
-        seconds = timed_interleaved({variant: run}, FLAGS.steps, FLAGS.repeats,
-                                    {variant: 1})[variant]
-    result = {"tasks": num_tasks, "variant": variant,
-              "ms_per_step": seconds[0] * 1e3, "ms_min": seconds[1] * 1e3,
-              "ms_max": seconds[2] * 1e3, "training_peak_rss_mb": sampler.peak_mb,
-              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
-              "jacobian_chunk_size": getattr(trainer._steps.source, "chunk_size", None)}
-    if tf.config.list_physical_devices("GPU"):
-        result["gpu_peak_mb"] = tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
-    return result
-
-
-def tasks_sweep() -> list[dict]:
-    """Runs every (tasks, variant) of the sweep in its own process; ratios to equal."""
-    import subprocess
-    import sys
-
-    rows = []
-    for count in FLAGS.tasks_sweep:
-        variants = [v for v in FLAGS.sweep_variants if v != "equal"]
-        if "partial" in variants:
-            at = variants.index("partial")
-            variants[at:at + 1] = [f"partial/{scope}" for scope in FLAGS.sweep_scope]
-        for variant in ["equal"] + variants:
-            command = [sys.executable, os.path.abspath(__file__), f"--sweep_child={count}:{variant}",
-                       f"--batch_size={FLAGS.batch_size}", f"--steps={FLAGS.steps}",
-                       f"--repeats={FLAGS.repeats}", f"--sweep_method={FLAGS.sweep_method}",
-                       f"--sweep_scope={','.join(FLAGS.sweep_scope)}",
-                       f"--sweep_image_size={FLAGS.sweep_image_size}"] + (
-                           [f"--sweep_chunk_size={FLAGS.sweep_chunk_size}"]
-                           if FLAGS.sweep_chunk_size else [])
-            done = subprocess.run(command, capture_output=True, text=True)
-            lines = [l for l in done.stdout.splitlines() if l.startswith("{")]
-            if done.returncode != 0 or not lines:
-                raise RuntimeError(f"{count}:{variant} failed:\n{done.stderr[-3000:]}")
-            row = json.loads(lines[-1])
-            rows.append(row)
-            print(f"tasks={count} {variant}: {row['ms_per_step']:.0f} ms/step, "
-                  f"peak {row['peak_rss_mb']:.0f} MB", flush=True)
-    for row in rows:
-        equal = next(r for r in rows if r["tasks"] == row["tasks"] and r["variant"] == "equal")
-        row["time_vs_equal"] = row["ms_per_step"] / equal["ms_per_step"]
-        row["memory_vs_equal"] = row["peak_rss_mb"] / equal["peak_rss_mb"]
-        if "gpu_peak_mb" in row:
-            row["gpu_memory_vs_equal"] = row["gpu_peak_mb"] / equal["gpu_peak_mb"]
-    return rows
-
-
-def format_sweep(rows) -> str:
-    lines = ["| tasks | variant | ms/step (median) | min | max | time vs equal | peak memory MB "
-             "| memory vs equal |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        memory = r.get("gpu_peak_mb", r["peak_rss_mb"])
-        ratio = r.get("gpu_memory_vs_equal", r["memory_vs_equal"])
-        lines.append(f"| {r['tasks']} | {r['variant']} | {r['ms_per_step']:.0f} | "
-                     f"{r['ms_min']:.0f} | {r['ms_max']:.0f} | {r['time_vs_equal']:.2f}x | "
-                     f"{memory:.0f} | {ratio:.2f}x |")
-    return "\n".join(lines)
-
-
-def plot_sweep(rows, path: str) -> bool:
-    """Time and memory vs tasks, one line per variant, as ratios to equal (needs matplotlib)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib)")
-        return False
-    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for variant in dict.fromkeys(r["variant"] for r in rows):
-        mine = [r for r in rows if r["variant"] == variant]
-        for axis, key in zip(axes, ("time_vs_equal", "memory_vs_equal")):
-            axis.plot([r["tasks"] for r in mine], [r[key] for r in mine], marker="o",
-                      label=variant)
-    for axis, title in zip(axes, ("time per step vs equal", "peak memory vs equal")):
-        axis.set_xlabel("tasks")
-        axis.set_title(title)
-        axis.grid(True, alpha=0.3)
-    axes[0].set_yscale("log")
-    axes[0].legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    return True
-
-
-def main(argv):
-    del argv
-    if FLAGS.sweep_child:
-        print(json.dumps(sweep_child(FLAGS.sweep_child)))
-        return
-    if FLAGS.tasks_sweep:
-        rows = tasks_sweep()
-        print(format_sweep(rows))
-        os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
-        with open(FLAGS.out, "w") as f:
-            json.dump({"machine": machine(), "batch_size": FLAGS.batch_size,
-                       "image_size": FLAGS.sweep_image_size, "method": FLAGS.sweep_method,
-                       "scopes": FLAGS.sweep_scope, "steps": FLAGS.steps,
-                       "repeats": FLAGS.repeats, "results": rows}, f, indent=2)
-        if plot_sweep(rows, os.path.splitext(FLAGS.out)[0] + ".png"):
-            print(f"wrote {os.path.splitext(FLAGS.out)[0]}.png")
-        print(f"wrote {FLAGS.out}")
-        return
-    strategy = mtl.distribute.get_strategy(FLAGS.strategy, num_gpus=FLAGS.num_gpus,
-                                           cpu_replicas=FLAGS.cpu_replicas)
-    batch = FLAGS.batch_size
-    memory = in_memory_data(batch)
-    n = FLAGS.steps_per_loop
-    builders = {
+def builders(strategy, memory, names) -> dict:
+    """{variant: build() -> run_steps(n)}: the fixed variants and those of `names` that name an
+    architecture or a weighting method (architecture/<name>, weighting/<method>/<mode>[/K=2])."""
+    batch, n = FLAGS.batch_size, FLAGS.steps_per_loop
+    built = {
         "mtl": lambda: mtl_variant(strategy, memory),
         "mtl/steps_per_loop=1": lambda: mtl_variant(strategy, memory, steps_per_loop=1),
         "mtl/steps_per_loop=N": lambda: mtl_variant(strategy, memory, steps_per_loop=n),
@@ -484,43 +251,43 @@ def main(argv):
             "train", batch_size=batch, training=True, tasks=FLAGS.tasks,
             data_dir=FLAGS.data_dir, seed=0)),
     }
-    # The real pipeline is timed after one epoch, once its cache holds the decoded examples
-    # (the steady state of a run); the first epoch also reads and decodes the TFRecords.
-    warmups = {"mtl/pipeline": 12_000 // batch + 10}
-    names = STEP_COST if FLAGS.variants == ["step_cost"] else list(FLAGS.variants)
-    if names == ["architectures"]:
-        names = [f"architecture/{a}" for a in mtl.architectures.ARCHITECTURES]
     for name in names:
         if name.startswith("architecture/"):
-            builders[name] = (lambda a=name.split("/", 1)[1]: mtl_variant(
+            built[name] = (lambda a=name.split("/", 1)[1]: mtl_variant(
                 strategy, memory, architecture=a, steps_per_loop=n))
-    for name in names:
         parsed = _weighting_variant(name)
         if parsed is not None:
             method, mode, k = parsed
-            builders[name] = (lambda m=method, g=mode, k=k: mtl_variant(
+            built[name] = (lambda m=method, g=mode, k=k: mtl_variant(
                 strategy, in_memory_data(batch // k), weighting=m, gradient_mode=g,
                 steps_per_loop=n, grad_accum_steps=k))
-    unknown = [v for v in names if v not in builders]
-    if unknown:
-        raise mtl.UsageError(f"Unknown variant {unknown[0]!r}; choose from {sorted(builders)}.")
+    return built
+
+
+def add_weighting_methods(names: list, built: dict, strategy, memory) -> None:
+    """Appends to `names` (and `built`) every mode of each --weighting method, with
+    weighting/equal/exact first when it is not there yet (the methods' time vs equal)."""
+    n = FLAGS.steps_per_loop
     methods = sorted(mtl.weighting.METHODS) if FLAGS.weighting == ["all"] else FLAGS.weighting
     for method in methods:
         cls = mtl.weighting.METHODS[method]
         modes = ["exact"] + (["rep"] if getattr(cls, "supports_rep", False) else [])
         for mode in modes:
-            builders[f"weighting/{method}/{mode}"] = (
+            built[f"weighting/{method}/{mode}"] = (
                 lambda m=method, g=mode: mtl_variant(strategy, memory, weighting=m,
                                                      gradient_mode=g, steps_per_loop=n))
             names.append(f"weighting/{method}/{mode}")
     if methods and "weighting/equal/exact" not in names:
         names.insert(0, "weighting/equal/exact")
-        builders["weighting/equal/exact"] = lambda: mtl_variant(strategy, memory,
-                                                                steps_per_loop=n)
-    seconds = timed_interleaved({name: builders[name]() for name in names}, FLAGS.steps,
-                                FLAGS.repeats, warmups)
+        built["weighting/equal/exact"] = lambda: mtl_variant(strategy, memory,
+                                                             steps_per_loop=n)
+
+
+def with_ratios(seconds: dict) -> dict:
+    """{variant: its row}: ms per step (median, min, max), examples/s and the time ratios to
+    mtl, to equal weighting (weighting/ variants), to bare_step and to hps (architecture/)."""
     results = {name: {"ms_per_step": s * 1e3, "ms_min": low * 1e3, "ms_max": high * 1e3,
-                      "examples_per_sec": batch / s}
+                      "examples_per_sec": FLAGS.batch_size / s}
                for name, (s, low, high) in seconds.items()}
     base = results.get("mtl", next(iter(results.values())))["ms_per_step"]
     equal = results.get("weighting/equal/exact", results.get("mtl", {})).get("ms_per_step")
@@ -534,19 +301,33 @@ def main(argv):
             r["time_vs_bare_step"] = r["ms_per_step"] / bare
         if hps and name.startswith("architecture/"):
             r["time_vs_hps"] = r["ms_per_step"] / hps
+    return results
+
+
+def main(argv):
+    del argv
+    strategy = mtl.distribute.get_strategy(FLAGS.strategy, num_gpus=FLAGS.num_gpus,
+                                           cpu_replicas=FLAGS.cpu_replicas)
+    memory = in_memory_data(FLAGS.batch_size)
+    names = variant_names()
+    built = builders(strategy, memory, names)
+    unknown = [v for v in names if v not in built]
+    if unknown:
+        raise mtl.UsageError(f"Unknown variant {unknown[0]!r}; choose from {sorted(built)}.")
+    add_weighting_methods(names, built, strategy, memory)
+    # The real pipeline is timed after one epoch, once its cache holds the decoded examples
+    # (the steady state of a run); the first epoch also reads and decodes the TFRecords.
+    warmups = {"mtl/pipeline": 12_000 // FLAGS.batch_size + 10}
+    seconds = timed_interleaved({name: built[name]() for name in names}, FLAGS.steps,
+                                FLAGS.repeats, warmups)
+    results = with_ratios(seconds)
     print(format_table(results))
-    os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
-    with open(FLAGS.out, "w") as f:
-        json.dump({"machine": machine(), "strategy": FLAGS.strategy,
-                   "replicas": strategy.num_replicas_in_sync, "batch_size": batch,
-                   "backbone": FLAGS.backbone, "tasks": FLAGS.tasks,
-                   "steps_per_loop": n, "results": results}, f, indent=2)
+    write_json(FLAGS.out, {"machine": machine(), "strategy": FLAGS.strategy,
+                           "replicas": strategy.num_replicas_in_sync,
+                           "batch_size": FLAGS.batch_size, "backbone": FLAGS.backbone,
+                           "tasks": FLAGS.tasks, "steps_per_loop": FLAGS.steps_per_loop,
+                           "results": results})
     print(f"wrote {FLAGS.out}")
-
-
-def machine() -> str:
-    gpus = tf.config.list_physical_devices("GPU")
-    return f"{os.cpu_count()} CPU cores" + (f", {len(gpus)} GPU(s)" if gpus else ", no GPU")
 
 
 def format_table(results) -> str:

@@ -13,9 +13,9 @@ and every method on every architecture (OUT/<architecture>_<method>_s<seed>), ea
 `--` may not set them). A run already complete in OUT is skipped and a partial one resumes, so
 an interrupted sweep continues where it stopped. `--parallel=N` runs N at once (one GPU each,
 round robin, when GPUs are visible); each run's output goes to OUT/logs/<run>.log. Then writes
-OUT/report.md, OUT/results.json and the plots OUT/*.png (mtl.comparison says how runs are
-selected and what the statistics are). Bad input prints `error: ...` and exits with status 2
-before any run starts; failed runs are listed and end it with status 1 (no report).
+OUT/report.md, OUT/results.json and the plots OUT/*.png (mtl.evidence.comparison says how runs
+are selected and what the statistics are). Bad input prints `error: ...` and exits with status
+2 before any run starts; failed runs are listed and end it with status 1 (no report).
 """
 
 from __future__ import annotations
@@ -24,13 +24,20 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import copy  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
 import shlex  # noqa: E402
 import sys  # noqa: E402
+from typing import Sequence  # noqa: E402
 
-from mtl import cli, comparison, sweep  # noqa: E402
-from mtl.errors import UsageError
+from absl import flags as absl_flags  # noqa: E402
+
+from mtl import architectures, cli, flags, weighting  # noqa: E402
+from mtl import runs as runs_lib  # noqa: E402
+from mtl.config import Config  # noqa: E402
+from mtl.errors import UsageError  # noqa: E402
+from mtl.evidence import comparison, plots, report, sweep, timing  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_METHODS = "equal,uncertainty,famo,pcgrad,mgda,cagrad,nash_mtl,upgrad"
@@ -74,9 +81,6 @@ def _names(value: str, flag: str, known, what: str) -> tuple:
 
 def check_args(args) -> None:
     """The checks that need no experiment: names, numbers, flags after `--`, the folder."""
-    from mtl import architectures, report
-    from mtl import weighting
-
     args.methods = _names(args.methods, "--methods", weighting.METHODS, "weighting method")
     args.architectures = _names(args.architectures, "--architectures",
                                 architectures.ARCHITECTURES, "architecture")
@@ -90,11 +94,27 @@ def check_args(args) -> None:
                       "folder with --out.")
     report.check_out_dir(args.out)
     if not args.no_plots:
-        from mtl import comparison_plots
-
-        missing = comparison_plots.missing_matplotlib()
+        missing = plots.missing_matplotlib()
         if missing:
             raise UsageError(missing)
+
+
+def experiment_config(name: str, experiments_dir: str, extra: Sequence[str]) -> Config:
+    """The `Config` every run gets from `extra` (the flags after `--`) and the experiment's own
+    flag defaults, parsed as the experiment script will parse them, so that a flag that does
+    not exist or a value that is not allowed is refused before any run starts. The process's
+    flag values are left untouched (a copy is parsed). Flags are process-wide: in a process
+    that loaded another experiment script first, its defaults stand where they differ."""
+    runs_lib.load_experiment(name, experiments_dir)  # Defines the flags with its defaults.
+    values = copy.deepcopy(absl_flags.FLAGS)
+    try:
+        rest = values([f"{name}.py", *extra])
+    except absl_flags.Error as e:
+        raise UsageError(f"flags after `--`: {e}") from None
+    if len(rest) > 1:
+        raise UsageError(f"flags after `--`: unexpected arguments {rest[1:]}; expected "
+                         "--name=value flags of the experiment.")
+    return flags.config_from_flags(values)
 
 
 def plan(args, protocol: comparison.Protocol, config) -> list[tuple[sweep.Run, object]]:
@@ -115,8 +135,6 @@ def plan(args, protocol: comparison.Protocol, config) -> list[tuple[sweep.Run, o
 def protocol_of(args) -> tuple[comparison.Protocol, object]:
     """The protocol and the experiment (`mtl.experiment.Experiment`), checked against it: its
     tasks, and validation data for --select=best_val."""
-    from mtl import runs as runs_lib
-
     sweep.experiment_script(args.experiment, args.experiments_dir)
     experiment = runs_lib.load_experiment(args.experiment, args.experiments_dir)
     tasks = sweep.chosen_tasks(args.tasks, sweep.experiment_tasks(args.experiment,
@@ -170,46 +188,31 @@ def run(argv=None) -> int:
     args = parse_args(argv)
     check_args(args)
     protocol, experiment = protocol_of(args)
-    config = sweep.experiment_config(args.experiment, args.experiments_dir, args.extra)
+    config = experiment_config(args.experiment, args.experiments_dir, args.extra)
     runs = plan(args, protocol, config)
     status = train(args, still_to_train(args, runs, experiment.validation_data is not None))
     return status or write_report(args, protocol, config, command)
 
 
 def write_report(args, protocol: comparison.Protocol, config, command: str) -> int:
-    from mtl import report
-
     logs = {name: report.read_run(os.path.join(args.out, name), name)
             for name, _ in comparison.run_settings(protocol)}
     result = comparison.compare(protocol, logs)
-    plots = []
-    if not args.no_plots:
-        from mtl import comparison_plots
-
-        plots = comparison_plots.write_plots(result, args.out)
-    timing = run_time(args.out, [name for name, _ in comparison.run_settings(protocol)])
+    written = [] if args.no_plots else plots.write_plots(result, args.out)
+    run_time = timing.run_time(os.path.join(args.out, "logs"),
+                               [name for name, _ in comparison.run_settings(protocol)])
     text = comparison.markdown(result, command=command, train_steps=config.train_steps,
-                               eval_every=config.eval_every, plots=plots, timing=timing)
+                               eval_every=config.eval_every, plots=written, timing=run_time)
     with open(os.path.join(args.out, "report.md"), "w") as f:
         f.write(text)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"command": command, "train_steps": config.train_steps,
-                   "eval_every": config.eval_every, "run_time": timing, **result}, f, indent=2)
+                   "eval_every": config.eval_every, "run_time": run_time, **result}, f,
+                  indent=2)
     print(text)
     print("Wrote " + ", ".join(os.path.join(args.out, n)
-                               for n in ["report.md", "results.json", *plots]))
+                               for n in ["report.md", "results.json", *written]))
     return 0
-
-
-def run_time(out: str, names) -> dict:
-    """The runs' wall time from OUT/logs/timings.jsonl: summed over runs (and over the parts of
-    a resumed run), with the machines and how many runs shared them at once."""
-    times = sweep.read_times(os.path.join(out, "logs"))
-    lines = [line for name in names for line in times.get(name, [])]
-    return {"seconds": round(sum(line["seconds"] for line in lines), 1),
-            "runs": sum(name in times for name in names), "of_runs": len(names),
-            "parallel": sorted({line["parallel"] for line in lines}),
-            "machines": sorted({line["machine"] for line in lines})}
 
 
 def main(argv=None) -> int:

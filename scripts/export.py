@@ -21,7 +21,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import sys  # noqa: E402
 
-from mtl import cli  # noqa: E402
+from mtl import cli, export, progress  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -47,8 +47,6 @@ def parse_args(argv=None):
 def run(argv=None) -> int:
     """Exports; user errors raise `mtl.UsageError`."""
     args = parse_args(argv)
-    from mtl import export, progress
-
     progress.quiet_library_info()
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
     scaling = None if args.image_scaling == "none" else args.image_scaling

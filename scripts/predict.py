@@ -24,8 +24,8 @@ import zipfile  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from mtl import cli  # noqa: E402
-from mtl.errors import UsageError
+from mtl import cli, export, runs  # noqa: E402
+from mtl.errors import UsageError  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -86,15 +86,11 @@ def format_outputs(outputs: dict, labels: dict | None = None) -> str:
 def run(argv=None) -> int:
     """Predicts; user errors raise `mtl.UsageError`."""
     args = parse_args(argv)
-    from mtl import export
-
     labels = None
     if args.input is not None:
         inputs = read_inputs(args.input)  # Before the model loads: a bad file fails fast.
     loaded = export.load(args.export_dir)
     if args.input is None:
-        from mtl import runs
-
         inputs, labels = runs.eval_batch(args.model_dir, args.num_examples,
                                          experiments_dir=args.experiments_dir)
         inputs = np.asarray(inputs) if not isinstance(inputs, dict) else {

@@ -20,7 +20,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import sys  # noqa: E402
 
 from mtl import cli  # noqa: E402
-from mtl.errors import UsageError
+from mtl.errors import UsageError  # noqa: E402
+from mtl.evidence import report  # noqa: E402
 
 
 def parse_stl(values) -> dict[str, str]:
@@ -65,8 +66,6 @@ def _pairs(values, flag) -> list[tuple[str, str]]:
 def run(argv=None) -> int:
     """Writes the report; user errors raise `mtl.UsageError`."""
     args = parse_args(argv)
-    from mtl import report
-
     stl = parse_stl(args.stl)
     metrics = {}
     for task, metric in _pairs(args.metric, "metric"):

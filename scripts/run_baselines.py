@@ -16,10 +16,10 @@ and finally the report (scripts/report.py) into OUT/report. With `--architecture
 single-task baselines are trained once (hard sharing with one task is the single-task model)
 and the multi-task run once per architecture, `OUT/mtl` for hps and `OUT/mtl_<architecture>`
 with `--architecture=<architecture>` for the others, each with its report
-(`OUT/report`, `OUT/report_<architecture>`) and a summary table of Δm per architecture. A run folder that already holds a
-finished run is resumed, i.e. only evaluated again: rerunning the command is cheap. Flags after
-`--` may not set --tasks or --model_dir (run_baselines sets them per run); bad input prints
-`error: ...` and exits with status 2 before any run starts.
+(`OUT/report`, `OUT/report_<architecture>`) and a summary table of Δm per architecture. A run
+folder that already holds a finished run is resumed, i.e. only evaluated again: rerunning the
+command is cheap. Flags after `--` may not set --tasks or --model_dir (run_baselines sets them
+per run); bad input prints `error: ...` and exits with status 2 before any run starts.
 """
 
 from __future__ import annotations
@@ -30,8 +30,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import sys  # noqa: E402
 
-from mtl import cli, sweep  # noqa: E402
-from mtl.errors import UsageError
+from mtl import architectures as architectures_lib  # noqa: E402
+from mtl import cli  # noqa: E402
+from mtl.errors import UsageError  # noqa: E402
+from mtl.evidence import report, sweep  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -94,9 +96,6 @@ def run(argv=None) -> int:
     sweep.experiment_script(args.experiment, args.experiments_dir)
     check_extra(args.extra)
     sweep.check_parallel(args.parallel)
-    from mtl import architectures as architectures_lib
-    from mtl import report
-
     architectures = [a.strip() for a in args.architectures.split(",") if a.strip()]
     unknown = [a for a in architectures if a not in architectures_lib.ARCHITECTURES]
     if unknown or not architectures:

@@ -1,5 +1,6 @@
 import inspect
 import math
+import os
 
 import keras
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 import mtl
-from mtl import architectures
+from mtl import architectures, model_record
 
 SHAPE = (8, 16, 1)
 CNN = {"filters": (4, 8), "dense": 16}
@@ -416,3 +417,34 @@ def test_a_task_name_that_clashes_with_the_architectures_names_is_refused():
                                              r"the name 'shared_expert_0'; rename the task"):
         architectures.cgc(SHAPE, {"shared": mtl.heads.regression(1),
                                   "a": mtl.heads.regression(1)}, backbone_config=CNN)
+
+
+# A plain Keras model of every layer mtl.architectures registers (AttentionMask, SoftmaxGate,
+# DSelectKGate, ExpertMixture, CrossStitch), recorded by the single-module mtl/architectures.py:
+# its configs name the classes "mtl>SoftmaxGate", ..., under the module "mtl.architectures".
+LAYERS_RECORD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures",
+                             "architecture_layers_record")
+
+
+def test_a_record_of_the_layers_written_before_the_package_split_rebuilds_them():
+    """The registered names are the format: the record rebuilds, and with the weights it was
+    checked with (variable i: sin(1 + 7 i + arange(size)) / 2), gives the outputs it gave."""
+    model = model_record.rebuild_model(model_record.read_model_record(LAYERS_RECORD))
+    assert [v.path for v in model.variables] == [
+        "mask/conv1/kernel", "mask/conv1/bias", "mask/conv2/kernel", "mask/conv2/bias",
+        "softmax_gate/kernel", "softmax_gate/bias", "dselect_gate/z_kernel",
+        "dselect_gate/z_bias", "dselect_gate/w_kernel", "dselect_gate/w_bias",
+        "left_cross_stitch/alpha", "right_cross_stitch/alpha"]
+    assert isinstance(model.get_layer("dselect_gate"), architectures.DSelectKGate)
+    for i, v in enumerate(model.variables):
+        size = int(np.prod(v.shape))
+        v.assign(np.reshape(np.sin(np.arange(size, dtype=np.float32) + 1.0 + 7 * i) / 2, v.shape))
+    x = np.array([[[[0.5, -1.0]]], [[[2.0, 0.25]]]], np.float32)
+    outputs = model(x, training=False)
+    np.testing.assert_array_equal(
+        np.asarray(outputs["left"], np.float64),
+        [[0.291806697845459, -0.34061360359191895], [0.8505187034606934, 0.15498507022857666]])
+    np.testing.assert_array_equal(
+        np.asarray(outputs["right"], np.float64),
+        [[0.013229615986347198, 0.082918182015419],
+         [-0.12164062261581421, 0.011097773909568787]])

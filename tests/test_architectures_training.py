@@ -14,6 +14,7 @@ import tensorflow as tf
 import experiment_scripts
 import mtl
 from mtl import architectures, experiment, export, flags, model_record, runs
+from mtl.step import shared_variables
 
 # Small experts: the point is the wiring, not the accuracy.
 SMALL = {"filters": (4,), "dense": 8}
@@ -121,8 +122,6 @@ def test_rep_mode_is_refused_naming_the_architecture_and_why(name):
 def test_the_gradient_methods_combine_what_more_than_one_task_uses(trained):
     """mmoe: the experts are shared (the method's Jacobian has their columns), each gate is
     one task's (its plain gradient)."""
-    from mtl.trainer import shared_variables
-
     model = trained["mmoe"][2]
     shared = {v.path for v in shared_variables(model, ["left", "sum"])}
     assert any(p.startswith("expert_0/") for p in shared)

@@ -196,7 +196,7 @@ def test_overlap_script_trains_and_its_run_is_not_resumed_as_side_by_side(tmp_pa
                                   test["image"][:3].astype(np.float32) / np.float32(255))
     with pytest.raises(UsageError, match=r"holds a run of experiment 'multi_digits_overlap', "
                                          r"not 'multi_digits'; use another --model_dir"):
-        experiment.train_and_evaluate(_load_experiment(), runs.config_from_dict(
+        experiment.train_and_evaluate(_load_experiment(), flags.Config.from_json(
             {**json.loads((model_dir / "config.json").read_text()), "train_steps": 6}))
     with pytest.raises(UsageError, match=r"no variant 'stacked'; its variants are "
                                          r"\['side_by_side', 'overlap'\]"):

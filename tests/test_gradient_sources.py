@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 import mtl
-from mtl import gradient_sources
+from mtl.step import decisions, parts, task_jacobian
 
 
 def _built(name, **options):
@@ -22,7 +22,7 @@ def test_loss_decision_weights_are_the_derivative_of_the_methods_total():
     losses = tf.constant([2.0, 0.5])
     uncertainty = _built("uncertainty")
     uncertainty.log_variances.assign([0.5, -1.0])
-    weights, same, (log_variance_gradient,) = gradient_sources.LossDecision(
+    weights, same, (log_variance_gradient,) = decisions.LossDecision(
         uncertainty).decide(losses)
     s = np.array([0.5, -1.0])
     fixed = np.array([1.0, 0.5])
@@ -32,13 +32,13 @@ def test_loss_decision_weights_are_the_derivative_of_the_methods_total():
     np.testing.assert_allclose(log_variance_gradient.numpy(),
                                fixed * (1 - np.exp(-s) * losses.numpy()), rtol=1e-6)
     # Divided by the replicas: each computes it whole and the optimizer sums them.
-    _, _, (halved,) = gradient_sources.LossDecision(uncertainty).decide(losses, num_replicas=2)
+    _, _, (halved,) = decisions.LossDecision(uncertainty).decide(losses, num_replicas=2)
     np.testing.assert_allclose(halved.numpy(), log_variance_gradient.numpy() / 2, rtol=1e-6)
 
 
 def test_loss_decision_of_geometric_mean_is_its_gradient():
     losses = tf.constant([2.0, 0.5])
-    weights, _, _ = gradient_sources.LossDecision(_built("gls")).decide(losses)
+    weights, _, _ = decisions.LossDecision(_built("gls")).decide(losses)
     # G = (L_a^1 L_b^0.5)^(1/1.5); dG/dL_t = G w_t / (W L_t).
     g = (2.0 ** 1.0 * 0.5 ** 0.5) ** (1 / 1.5)
     np.testing.assert_allclose(weights.numpy(), [g * 1.0 / (1.5 * 2.0), g * 0.5 / (1.5 * 0.5)],
@@ -46,16 +46,16 @@ def test_loss_decision_of_geometric_mean_is_its_gradient():
 
 
 def test_which_methods_must_see_the_whole_batch_first():
-    assert not gradient_sources.LossDecision(_built("equal")).needs_whole_batch
-    assert not gradient_sources.LossDecision(_built("rlw")).needs_whole_batch
+    assert not decisions.LossDecision(_built("equal")).needs_whole_batch
+    assert not decisions.LossDecision(_built("rlw")).needs_whole_batch
     for name in ("uncertainty", "dwa", "gls", "famo"):
-        assert gradient_sources.LossDecision(_built(name)).needs_whole_batch, name
+        assert decisions.LossDecision(_built(name)).needs_whole_batch, name
 
 
 def test_rep_decision_weights_the_shared_rows_and_leaves_the_heads_plain():
     fixed = tf.constant([1.0, 0.5])
     gramian = tf.constant([[1.0, 0.0], [0.0, 4.0]])
-    shared, plain, method_gradients = gradient_sources.RepDecision(
+    shared, plain, method_gradients = decisions.RepDecision(
         _built("mgda"), fixed).decide(tf.constant([1.0, 1.0]), gramian)
     # MGDA on orthogonal rows of norms 1 and 2: w = (0.8, 0.2).
     np.testing.assert_allclose(shared.numpy(), [0.8, 0.2 * 0.5], rtol=1e-5)
@@ -65,8 +65,8 @@ def test_rep_decision_weights_the_shared_rows_and_leaves_the_heads_plain():
 
 def test_summed_accumulator_adds_micro_batches_and_resets():
     strategy = tf.distribute.get_strategy()
-    accumulator = gradient_sources.accumulator(strategy, [[2], [1]], micro_batches=2)
-    assert isinstance(accumulator, gradient_sources.Summed)
+    accumulator = parts.accumulator(strategy, [[2], [1]], micro_batches=2)
+    assert isinstance(accumulator, parts.Summed)
 
     @tf.function
     def run():
@@ -78,8 +78,8 @@ def test_summed_accumulator_adds_micro_batches_and_resets():
     total, local = run()
     np.testing.assert_array_equal(total.numpy(), [11.0, 22.0])
     np.testing.assert_array_equal(local.numpy(), [33.0])
-    one = gradient_sources.accumulator(strategy, [[2]], micro_batches=1)
-    assert isinstance(one, gradient_sources.PassThrough)
+    one = parts.accumulator(strategy, [[2]], micro_batches=1)
+    assert isinstance(one, parts.PassThrough)
 
 
 def test_the_pre_pass_leaves_batchnorm_statistics_and_dropout_rng_as_one_pass_would():
@@ -199,29 +199,29 @@ def test_jacobian_chunks_give_the_same_update_as_one_batched_jacobian():
 
 def test_the_default_chunk_keeps_the_per_task_passes_within_four_forward_passes():
     mb = 2 ** 20
-    assert gradient_sources.MIN_CHUNK_BUDGET_BYTES == 256 * mb
-    assert gradient_sources.CHUNK_BUDGET_FORWARD_PASSES == 4
+    assert task_jacobian.MIN_CHUNK_BUDGET_BYTES == 256 * mb
+    assert task_jacobian.CHUNK_BUDGET_FORWARD_PASSES == 4
     # Small activations: every task batched, up to the 256 MiB floor.
-    assert gradient_sources.default_chunk_size(3, 10 * mb) == 3
-    assert gradient_sources.default_chunk_size(40, 6 * mb) == 40
+    assert task_jacobian.default_chunk_size(3, 10 * mb) == 3
+    assert task_jacobian.default_chunk_size(40, 6 * mb) == 40
     # 40 tasks of 20 MB: 800 MB > 256 MiB -> 12 at once.
-    assert gradient_sources.default_chunk_size(40, 20 * mb) == 12
+    assert task_jacobian.default_chunk_size(40, 20 * mb) == 12
     # Above the floor, four forward passes' worth: the 64x64 resnet's 232 MB at batch 32.
-    assert gradient_sources.default_chunk_size(3, 232 * mb) == 3
-    assert gradient_sources.default_chunk_size(4, 232 * mb) == 4
-    assert gradient_sources.default_chunk_size(5, 232 * mb) == 4
-    assert gradient_sources.default_chunk_size(40, 232 * mb) == 4
-    assert gradient_sources.default_chunk_size(40, 1000 * mb) == 4
+    assert task_jacobian.default_chunk_size(3, 232 * mb) == 3
+    assert task_jacobian.default_chunk_size(4, 232 * mb) == 4
+    assert task_jacobian.default_chunk_size(5, 232 * mb) == 4
+    assert task_jacobian.default_chunk_size(40, 232 * mb) == 4
+    assert task_jacobian.default_chunk_size(40, 1000 * mb) == 4
 
 
 def test_activation_elements_count_every_layer_output_or_those_a_scope_reaches():
     backbone = mtl.backbones.mlp((6,), widths=(8, 4))
     model = mtl.MultiTaskModel(backbone, {t: mtl.heads.regression(1) for t in "ab"})
     # dense_0 8, dense_1 4; each head's Dense 1 (inputs are not counted).
-    assert gradient_sources.activation_elements(backbone) == 8 + 4
-    assert gradient_sources.activation_elements(model) == 8 + 4 + 1 + 1
+    assert task_jacobian.activation_elements(backbone) == 8 + 4
+    assert task_jacobian.activation_elements(model) == 8 + 4 + 1 + 1
     top = backbone.get_layer("dense_1").weights
-    assert gradient_sources.activation_elements(model, top) == 4 + 1 + 1
+    assert task_jacobian.activation_elements(model, top) == 4 + 1 + 1
 
 
 @pytest.mark.parametrize("weighting, k", [("mgda", 1), ("upgrad", 2)])

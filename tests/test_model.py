@@ -191,3 +191,30 @@ def test_from_models_with_a_model_of_several_outputs():
                                          r"\[\(None, 3\), \(None, 1\)\]; expected one output per "
                                          r"task"):
         mtl.MultiTaskModel.from_models({"a": two})
+
+
+def test_the_architecture_call_and_heads_are_given_at_construction_and_read_only():
+    inputs = keras.Input((4,))
+    heads = {"a": keras.layers.Dense(1), "b": keras.layers.Dense(2)}
+    shared = keras.layers.Dense(3)(inputs)
+    outputs = {task: head(shared) for task, head in heads.items()}
+    args = {"architecture": "x", "input_shape": [4], "backbone": "mlp", "backbone_config": {},
+            "options": {"n": 1}}
+    model = mtl.MultiTaskModel.from_outputs(inputs, outputs, architecture_args=args,
+                                            architecture_heads=heads)
+    assert model.architecture_args == args and model.architecture_heads == heads
+    model.architecture_args["options"]["n"] = 2  # A copy: the model's record stays.
+    assert model.architecture_args["options"] == {"n": 1}
+    with pytest.raises(AttributeError):
+        model.architecture_args = {}
+    plain = mtl.MultiTaskModel.from_outputs(inputs, outputs)
+    assert plain.architecture_args is None and plain.architecture_heads is None
+    hard = mtl.MultiTaskModel(mtl.backbones.mlp((4,), widths=(3,)), {"a": mtl.heads.regression(1)})
+    assert hard.architecture_args is None and hard.architecture_heads is None
+    with pytest.raises(mtl.UsageError, match=r"architecture_args was given without "
+                                             r"architecture_heads"):
+        mtl.MultiTaskModel.from_outputs(inputs, outputs, architecture_args=args)
+    with pytest.raises(mtl.UsageError, match=r"architecture_heads has the tasks \['a'\]; "
+                                             r"expected the outputs' \['a', 'b'\]"):
+        mtl.MultiTaskModel.from_outputs(inputs, outputs, architecture_args=args,
+                                        architecture_heads={"a": heads["a"]})

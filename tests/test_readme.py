@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from mtl import flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Run apart: other tests change the process's flag defaults (`define_flags(train_steps=77)`).
@@ -145,3 +147,12 @@ def test_wrong_tables_are_caught():
                                          ("`adam`", "adam")])
 def test_default_cells_are_read(cell, value):
     assert stated_default(cell) == value and type(stated_default(cell)) is type(value)
+
+
+def test_the_flag_table_is_the_one_generated_from_the_settings():
+    """Each row is a setting's field: its flag, its default and its help (`mtl.options.setting`);
+    regenerate it with `python -c "from mtl import flags; print(flags.flag_table())"`."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        text = section(f.read(), "Experiments and flags")
+    start = text.index("| flag | default | meaning |")
+    assert text[start:text.index("\n\n", start)] == flags.flag_table()

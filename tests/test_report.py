@@ -11,7 +11,7 @@ from tensorflow.core.framework import summary_pb2
 from tensorflow.core.util import event_pb2
 
 import small_runs
-from mtl import report
+from mtl.evidence import report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

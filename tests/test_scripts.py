@@ -55,10 +55,10 @@ def test_benchmark_flag_errors_exit_2_before_anything_is_built(tmp_path):
 
 def test_the_tasks_sweep_measures_each_variant_in_its_own_process_against_equal(tmp_path):
     out = tmp_path / "sweep.json"
-    run = _script("benchmark.py", "--tasks_sweep=0", f"--out={out}")
+    run = _script("benchmark_tasks.py", "--tasks_sweep=0", f"--out={out}")
     assert run.returncode == 2
     assert "unknown value '0'; expected task counts >= 1" in _last_line(run.stderr)
-    run = _script("benchmark.py", "--tasks_sweep=3", "--sweep_variants=exact/chunked",
+    run = _script("benchmark_tasks.py", "--tasks_sweep=3", "--sweep_variants=exact/chunked",
                   "--sweep_chunk_size=1", "--sweep_image_size=8", "--batch_size=4",
                   "--steps=1", "--repeats=1", f"--out={out}")
     assert run.returncode == 0, run.stderr[-3000:]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from mtl import stats
+from mtl.evidence import stats
 
 
 def test_summary_of_one_to_five():

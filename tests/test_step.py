@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 import mtl
-from mtl.step import compute_task_losses
+from mtl.step.task_losses import compute_task_losses
 
 CE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 TASKS = [mtl.Task("a", loss=CE), mtl.Task("b", loss="mse")]

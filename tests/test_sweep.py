@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from mtl import flags, sweep
+from mtl import flags
+from mtl.evidence import sweep
 from mtl.errors import UsageError
 
 

@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 import mtl
-from mtl.update_policy import LossScale, UpdatePolicy
+from mtl.step.update_policy import LossScale, UpdatePolicy
 
 CE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 POISON = 777.0  # a regression label whose gradient is NaN (the loss stays finite)

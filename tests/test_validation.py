@@ -297,7 +297,8 @@ class _TwoReplicas:
 
 @pytest.mark.parametrize("setting", ["clipnorm", "global_clipnorm", "clipvalue"])
 def test_keras_clipping_is_refused_under_several_replicas_with_the_fix(setting):
-    """Keras clips each replica's part of the gradient before the sum (PITFALLS)."""
+    """Keras clips each replica's part of the gradient before the sum (inside
+    `apply_gradients`, before the cross-replica sum)."""
     from mtl.trainer import _check_optimizer_clipping
     optimizer = keras.optimizers.SGD(0.1, **{setting: 1.0})
     with pytest.raises(mtl.UsageError, match=rf"{setting}=1.0.*2 replicas.*clip_norm"):

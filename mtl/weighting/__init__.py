@@ -1,9 +1,25 @@
 """Task-weighting methods, by name: `mtl.weighting.get("equal")`.
 
-Loss-based (`LossWeighting.combine`): equal, uncertainty, dwa, rlw, gls, famo, stch.
-Gradient-based (`GradientWeighting.aggregate`, or `GramianWeighting.weights_from_gramian`):
-pcgrad, gradvac, graddrop, mgda, cagrad, imtl, nash_mtl, aligned_mtl, upgrad, gradnorm,
-fairgrad, db_mtl, config, dualproj, moco.
+Each method declares what it consumes (`Weighting.consumes`): the task losses (`LOSSES`), the
+per-task gradients of the shared variables (a Jacobian, `JACOBIAN`) or only their Gramian J J^T
+(`GRAMIAN`). The 22 methods by family, with the module of each kind:
+
+Loss-based (`LossWeighting.combine`, consumes LOSSES): one weighted sum, one backward pass.
+  loss_scalarisations   equal, gls, stch: a fixed scalarisation of the losses
+  loss_dynamic_weights  uncertainty, dwa, rlw, famo: weights learned, random or from the losses'
+                        rates of change
+Gramian-based (`GramianWeighting.weights_from_gramian`, consumes GRAMIAN): direction w @ J.
+  min_norm_descent      mgda, cagrad: a common descent direction over the simplex
+  dual_cone_projection  upgrad, dualproj: projections onto the dual cone of the gradients
+  fair_bargaining       nash_mtl, fairgrad: Nash bargaining and alpha-fair allocation
+  gradient_balancing    imtl, aligned_mtl, gradnorm: balanced gradient magnitudes
+  gradient_surgery      pcgrad, gradvac: each task gradient edited against the others
+Jacobian-based (`GradientWeighting.aggregate`, consumes JACOBIAN):
+  gradient_surgery      graddrop: a sign-consistency mask on the gradients' coordinates
+  jacobian_direction    db_mtl, config, moco: directions built from the rows themselves
+
+Also: `base` (the interface, `StepContext`, the Gramian in float64), `solvers` (the small
+T x T solvers), `docs` (the methods table of docs/weighting.md, generated from the classes).
 See docs/weighting.md for a table of what each does and costs.
 """
 
@@ -11,11 +27,14 @@ from __future__ import annotations
 
 from mtl.weighting.base import (GRAMIAN, JACOBIAN, LOSSES, GradientWeighting, GramianWeighting,
                                 LossWeighting, SeededDraws, StepContext, Weighting)
-from mtl.weighting.gradient_based import (CAGrad, IMTL, MGDA, AlignedMTL, GradNorm, NashMTL,
-                                          UPGrad)
+from mtl.weighting.dual_cone_projection import DualProj, UPGrad
+from mtl.weighting.fair_bargaining import FairGrad, NashMTL
+from mtl.weighting.gradient_balancing import IMTL, AlignedMTL, GradNorm
 from mtl.weighting.gradient_surgery import GradDrop, GradVac, PCGrad
-from mtl.weighting.loss_based import DWA, FAMO, GLS, RLW, Equal, Uncertainty
-from mtl.weighting.recent import DBMTL, STCH, ConFIG, DualProj, FairGrad, MoCo
+from mtl.weighting.jacobian_direction import DBMTL, ConFIG, MoCo
+from mtl.weighting.loss_dynamic_weights import DWA, FAMO, RLW, Uncertainty
+from mtl.weighting.loss_scalarisations import GLS, STCH, Equal
+from mtl.weighting.min_norm_descent import MGDA, CAGrad
 from mtl.errors import UsageError
 
 METHODS: dict[str, type[Weighting]] = {
@@ -44,8 +63,8 @@ def get(method: str | Weighting, **options) -> Weighting:
     return cls(**options)
 
 
-__all__ = ["GRAMIAN", "JACOBIAN", "LOSSES", "AlignedMTL", "CAGrad", "ConFIG", "DBMTL", "DWA", "DualProj", "Equal", "FAMO",
-           "FairGrad", "GLS", "GradDrop", "GradNorm", "GradVac", "GradientWeighting",
-           "GramianWeighting", "IMTL", "LossWeighting", "METHODS", "MGDA", "MoCo", "NashMTL",
-           "PCGrad", "RLW", "STCH", "SeededDraws", "StepContext", "UPGrad", "Uncertainty",
-           "Weighting", "get"]
+__all__ = ["GRAMIAN", "JACOBIAN", "LOSSES", "AlignedMTL", "CAGrad", "ConFIG", "DBMTL", "DWA",
+           "DualProj", "Equal", "FAMO", "FairGrad", "GLS", "GradDrop", "GradNorm", "GradVac",
+           "GradientWeighting", "GramianWeighting", "IMTL", "LossWeighting", "METHODS", "MGDA",
+           "MoCo", "NashMTL", "PCGrad", "RLW", "STCH", "SeededDraws", "StepContext", "UPGrad",
+           "Uncertainty", "Weighting", "get"]

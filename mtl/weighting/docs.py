@@ -3,10 +3,10 @@
     python -m mtl.weighting.docs          # rewrites the table in docs/weighting.md
     python -m mtl.weighting.docs --check  # exits 1 when the file differs from the code
 
-Each row comes from the class: its registry name, its family, the first line of its docstring
-(the method and its paper), its options with their defaults (the constructor's signature), rep
-mode (`rep_mode`, or `no_rep_reason`) and the "Cost:" line of its docstring. A test holds the
-file to the code, so the table cannot drift.
+Each row comes from the class: its registry name, its family (from `consumes`), the first line
+of its docstring (the method and its paper), its options with their defaults (the constructor's
+signature), rep mode (`rep_mode`, or `no_rep_reason`) and the "Cost:" line of its docstring. A
+test holds the file to the code, so the table cannot drift.
 """
 
 from __future__ import annotations
@@ -24,12 +24,13 @@ DOC_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "docs", "weighting.md")
 
 
+#: The family column, from what the method consumes (`Weighting.consumes`).
+FAMILIES = {weighting.LOSSES: "loss", weighting.GRAMIAN: "gradient (Gramian)",
+            weighting.JACOBIAN: "gradient"}
+
+
 def _family(cls) -> str:
-    if issubclass(cls, weighting.LossWeighting):
-        return "loss"
-    if issubclass(cls, weighting.GramianWeighting):
-        return "gradient (Gramian)"
-    return "gradient"
+    return FAMILIES[cls.consumes]
 
 
 def _title(cls) -> str:
@@ -46,7 +47,7 @@ def _options(cls) -> str:
 
 
 def _rep(cls) -> str:
-    if issubclass(cls, weighting.LossWeighting):
+    if cls.consumes == weighting.LOSSES:
         return "n/a (loss-based)"
     if getattr(cls, "rep_mode", None):
         return f"yes: {cls.rep_mode}"

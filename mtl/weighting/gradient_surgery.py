@@ -1,4 +1,5 @@
-"""Gradient-surgery methods: each task gradient is edited against the others, then summed.
+"""Gradient surgery: `pcgrad`, `gradvac` and `graddrop` edit each task gradient against the
+others, then sum them.
 
 PCGrad and GradVac only ever add multiples of task gradients to task gradients, so the result is
 `w @ J` for some weights w that depend on inner products alone: they are computed from the

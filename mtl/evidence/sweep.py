@@ -10,24 +10,25 @@ Each run is `python experiments/<name>.py --model_dir=<out>/<run> <flags>`; an e
 resumes from its model_dir, so a run folder with a partial run continues where it stopped.
 With N > 1 runs at once and GPUs visible (CUDA_VISIBLE_DEVICES's entries when it is set, else
 those `nvidia-smi -L` lists), the k-th of the N slots runs its runs on GPU k mod G alone
-(CUDA_VISIBLE_DEVICES=<that GPU>); without GPUs, N processes share the CPUs.
+(CUDA_VISIBLE_DEVICES=<that GPU>); without GPUs, N processes share the CPUs. Each finished
+run's wall time goes to `<log_dir>/timings.jsonl` (mtl.evidence.timing).
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import functools
-import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
 import time
 from typing import Callable, Mapping, Sequence
 
-from mtl.config import Config, UsageError
+from mtl import run_record
+from mtl import runs as runs_lib
+from mtl.config import Config
+from mtl.errors import UsageError
+from mtl.evidence.timing import record_time
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,10 +56,8 @@ def experiment_script(name: str, experiments_dir: str) -> str:
 
 def experiment_tasks(name: str, experiments_dir: str) -> list[str]:
     """The task names of experiments/<name>.py (with the default config)."""
-    from mtl import flags, runs
-
-    experiment = runs.load_experiment(name, experiments_dir)
-    return [t.name for t in experiment.tasks(flags.Config())]
+    experiment = runs_lib.load_experiment(name, experiments_dir)
+    return [t.name for t in experiment.tasks(Config())]
 
 
 def chosen_tasks(value: str | None, available: Sequence[str]) -> tuple:
@@ -68,28 +67,6 @@ def chosen_tasks(value: str | None, available: Sequence[str]) -> tuple:
     if not tasks or [t for t in tasks if t not in available]:
         raise UsageError(f"--tasks={value!r}: the experiment's tasks are {list(available)}.")
     return tasks
-
-
-def experiment_config(name: str, experiments_dir: str, extra: Sequence[str]) -> Config:
-    """The `Config` every run gets from `extra` (the flags after `--`) and the experiment's own
-    flag defaults, parsed as the experiment script will parse them, so that a flag that does
-    not exist or a value that is not allowed is refused before any run starts. The process's
-    flag values are left untouched (a copy is parsed). Flags are process-wide: in a process
-    that loaded another experiment script first, its defaults stand where they differ."""
-    from absl import flags as absl_flags
-
-    from mtl import flags, runs
-
-    runs.load_experiment(name, experiments_dir)  # Defines the flags with its defaults.
-    values = copy.deepcopy(absl_flags.FLAGS)
-    try:
-        rest = values([f"{name}.py", *extra])
-    except absl_flags.Error as e:
-        raise UsageError(f"flags after `--`: {e}") from None
-    if len(rest) > 1:
-        raise UsageError(f"flags after `--`: unexpected arguments {rest[1:]}; expected "
-                         "--name=value flags of the experiment.")
-    return flags.config_from_flags(values)
 
 
 def check_parallel(parallel: int) -> None:
@@ -114,8 +91,6 @@ def is_complete(model_dir: str, experiment: str, config: Config, *,
     at step `config.train_steps` (with validation results when `validation`), and config.json
     recording the experiment and the same value of every setting that shapes a run (those in
     `Config.FREE_TO_CHANGE` may differ)."""
-    from mtl import run_record
-
     results = run_record.read(os.path.join(model_dir, "results.json"))
     recorded = run_record.read(os.path.join(model_dir, "config.json"))
     if not results or not recorded or results.get("step") != config.train_steps:
@@ -225,58 +200,6 @@ def run_all(runs: Sequence[Run], *, parallel: int = 1, env: Mapping[str, str] | 
             if log is not None:
                 log.close()
     return failures
-
-
-TIMINGS = "timings.jsonl"
-
-
-@functools.lru_cache(maxsize=None)
-def machine() -> str:
-    """This machine in a few words: its CPU model and core count, and its GPUs (if any)."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f
-                     if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    text = f"{os.cpu_count()} CPU cores ({cpu})"
-    gpus = []
-    if shutil.which("nvidia-smi") is not None:
-        try:
-            listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True,
-                                     timeout=60)
-            gpus = [line.split(":", 1)[1].split("(")[0].strip()
-                    for line in listing.stdout.splitlines() if line.startswith("GPU ")]
-        except (OSError, subprocess.SubprocessError, IndexError):
-            gpus = []
-    if gpus:
-        text += ", " + ", ".join(f"{gpus.count(g)} x {g}" for g in dict.fromkeys(gpus))
-    return text + ", " + platform.system()
-
-
-def record_time(log_dir: str, name: str, seconds: float, parallel: int) -> None:
-    """Appends a finished run's wall time to `<log_dir>/timings.jsonl` (one JSON line per run
-    and attempt: a resumed run's line counts its last part only)."""
-    line = {"run": name, "seconds": round(seconds, 1), "parallel": parallel,
-            "machine": machine(), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    with open(os.path.join(log_dir, TIMINGS), "a") as f:
-        f.write(json.dumps(line) + "\n")
-
-
-def read_times(log_dir: str) -> dict:
-    """{run: [line, ...]} from `<log_dir>/timings.jsonl` (empty when there is none)."""
-    times = {}
-    try:
-        with open(os.path.join(log_dir, TIMINGS)) as f:
-            for text in f:
-                if text.strip():
-                    line = json.loads(text)
-                    times.setdefault(line["run"], []).append(line)
-    except FileNotFoundError:
-        pass
-    return times
 
 
 def _start(run: Run, slot: int, env: dict, log_dir: str | None, parallel: int,

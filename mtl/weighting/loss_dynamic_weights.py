@@ -1,15 +1,17 @@
-"""Loss-based weighting methods: one weighted sum of task losses, one backward pass.
+"""Loss-based methods whose task weights change by a rule of their own (one backward pass):
+`uncertainty` (learned log-variances, Kendall et al.), `dwa` (from each loss's rate of change
+over periods, Liu et al.), `rlw` (random weights each step, Lin et al.) and `famo` (logits
+moved by the change of the log losses, Liu et al.). Fixed scalarisations of the losses
+(`equal`, `gls`, `stch`) are in `loss_scalarisations`.
 
-Distribution. `combine` receives this replica's share of each task loss (the shares of all
-replicas sum to the global-batch loss) and returns a scalar whose gradient, summed across
-replicas, is the update direction. So a method must be *linear in the shares*: every weight that
-depends on the losses is computed from `context.global_losses` (the same on every replica) and
-held constant (`stop_gradient`); a term that is not a task-loss share (uncertainty's log-variance
-regulariser) is divided by `context.num_replicas`. Then a multi-replica step computes exactly
-the single-device gradient. Without a context (one device) the losses themselves are global.
+Distribution. `combine` receives this replica's share of each task loss and must be *linear in
+the shares*: every weight that depends on the losses is computed from `context.global_losses`
+(the same on every replica) and held constant (`stop_gradient`); a term that is not a task-loss
+share (uncertainty's log-variance regulariser) is divided by `context.num_replicas`. Then a
+multi-replica step computes exactly the single-device gradient. Without a context (one device)
+the losses themselves are global.
 
-Every method multiplies its adaptive weight by the task's fixed `Task.weight`, except `gls`,
-where `Task.weight` is the task's exponent in the weighted geometric mean.
+Every method multiplies its adaptive weight by the task's fixed `Task.weight`.
 """
 
 from __future__ import annotations
@@ -20,23 +22,6 @@ import tensorflow as tf
 
 from mtl.weighting.base import (LossWeighting, SeededDraws, StepContext, check_option,
                                 global_losses, is_int, is_number, state_variable)
-
-
-class Equal(LossWeighting):
-    """The sum of the tasks' losses, each times its fixed `Task.weight` (Keras `loss_weights`).
-
-    Linear in the losses, so combining each replica's share and summing the gradients across
-    replicas gives exactly the single-device gradient of the global batch.
-
-    Cost: one forward and one backward pass (the reference for the others).
-    """
-
-    name = "equal"
-    needs_global_losses = False
-
-    def combine(self, losses: tf.Tensor, context: StepContext | None = None) -> tf.Tensor:
-        del context
-        return tf.reduce_sum(self.task_weights * losses)
 
 
 class Uncertainty(LossWeighting):
@@ -172,41 +157,6 @@ class RLW(SeededDraws, LossWeighting):
         del context
         z = tf.random.stateless_normal([self.num_tasks], seed=self._next_seed())
         weights = self._record_weights(self.task_weights * tf.nn.softmax(z))
-        return tf.reduce_sum(weights * losses)
-
-
-class GLS(LossWeighting):
-    """Geometric Loss Strategy (Chennupati et al., "MultiNet++", CVPR Workshops 2019):
-    minimise the geometric mean of the task losses,
-
-        G = prod_t L_t^(w_t / W),  W = sum_t w_t    (w_t = Task.weight; all 1: (prod L_t)^(1/T)).
-
-    dG = sum_t (G w_t / (W L_t)) dL_t, so each replica returns
-    sum_t stop_gradient(G w_t / (W L_t)) * share_t with G and L_t of the global batch: the
-    summed gradient is the single-device gradient of G, and the value (summed over replicas) is
-    G. Losses must be positive; a task with loss 0 (no label in the batch) is left out of the
-    product for that step instead of making G = 0.
-
-    Cost: as `equal`.
-    """
-
-    name = "gls"
-
-    def build(self, task_names: Sequence[str], task_weights: Sequence[float]) -> None:
-        super().build(task_names, task_weights)
-        self._create_last_weights()
-
-    def combine(self, losses: tf.Tensor, context: StepContext | None = None) -> tf.Tensor:
-        current = global_losses(losses, context)
-        present = current > 0.0
-        exponents = tf.where(present, self.task_weights, 0.0)
-        total_exponent = tf.reduce_sum(exponents)
-        log_mean = tf.math.divide_no_nan(
-            tf.reduce_sum(exponents * tf.math.log(tf.where(present, current, 1.0))),
-            total_exponent)
-        coefficients = tf.math.divide_no_nan(tf.exp(log_mean) * exponents,
-                                             total_exponent * current)
-        weights = self._record_weights(coefficients)
         return tf.reduce_sum(weights * losses)
 
 

@@ -1,107 +1,36 @@
-"""The compiled train step, composed of parts chosen once at construction.
-
-Reference semantics (README "How a step works"). One update is K micro-batches on R replicas:
-
-  1. each task's loss is the weighted mean over the labelled examples of the whole update
-     batch (all K micro-batches, all replicas): `mtl.task_losses.compute_task_losses`;
-  2. the weighting method is applied once per update to what the whole batch gives it (the task
-     losses; the per-task gradients of the shared variables; in rep mode the Gramian of the
-     per-task gradients w.r.t. the shared representation); its state advances once, and its own
-     trainable variables get the whole batch's gradient once: `mtl.gradient_sources`;
-  3. regularisation losses are not a task: their gradient is added once, after the method has
-     combined the task gradients; task-specific variables get their own task's gradient;
-  4. frozen variables are not trained and a frozen backbone runs in inference mode;
-  5. an update that is not applied (non-finite, float16 overflow) changes nothing: not the
-     weights, not the method's state, not the train metrics or logged means:
-     `mtl.update_policy`;
-  6. one `apply_gradients` per update (the backbone's own optimizer for its variables when it
-     has a learning-rate multiplier): `OptimizerApply`.
-
-Where each axis is decided: the weighting family and gradient mode in
-`gradient_sources.gradient_source`; micro-batches in `gradient_sources.accumulator` and the
-sources' `compute`; replicas in the sources' reductions; precision and the non-finite policy in
-`update_policy.UpdatePolicy`; freezing in `gradient_sources.Forward`; the optimizers in
-`OptimizerApply`. Only this module's `TrainStep` builds `tf.function`s; everything with Python
-side effects lives in `mtl.trainer`.
+"""The compiled train step (`TrainStep`), composed of parts chosen once at construction: the
+gradient source (`mtl.step.plan.gradient_source`), the update policy
+(`mtl.step.update_policy.UpdatePolicy`) and the optimizers (`mtl.step.apply.OptimizerApply`);
+with the eval step and the conflict diagnostics. Only `mtl.step` builds `tf.function`s;
+everything with Python side effects lives in `mtl.trainer`.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, NamedTuple, Sequence
 
 import keras
 import tensorflow as tf
 
-from mtl import gradient_sources
-from mtl.gradient_sources import BAD_GRAD, NUM_EXTRA_STATS, REG, all_finite, flatten_gradients
 from mtl.options import TrainerOptions
-from mtl.task_losses import (compute_task_losses, local_normalisers, unpack_batch,
-                             update_metrics)
+from mtl.step import plan
+from mtl.step.apply import OptimizerApply
+from mtl.step.parts import UpdateStats, all_finite, layer_state
+from mtl.step.task_jacobian import flatten_gradients
+from mtl.step.task_losses import (compute_task_losses, local_normalisers, unpack_batch,
+                                  update_metrics)
+from mtl.step.update_policy import LossScale, UpdatePolicy
 from mtl.tasks import Task
-from mtl.update_policy import LossScale, UpdatePolicy
 
 
-class OptimizerApply:
-    """Applies one update's gradients (replica context), one `apply_gradients` per optimizer
-    group (`mtl.finetune.optimizer_groups`): each variable goes to the optimizer of its group;
-    the user's optimizer ("optimizer") is applied last, after the groups whose learning-rate
-    schedule follows its step."""
+class LoopOutputs(NamedTuple):
+    """What one call of `TrainStep.train_loop` returns (tensors)."""
 
-    def __init__(self, groups: dict, clip_norm: float | None = None, unclipped=()):
-        self.groups = [(optimizer, {id(v) for v in variables})
-                       for name, (optimizer, variables) in groups.items() if name != "optimizer"]
-        self.groups.append((groups["optimizer"][0], None))  # None: every other variable
-        self.clip_norm = clip_norm
-        self.unclipped = {id(v) for v in unclipped}  # a weighting method's own variables
-
-    def _clip(self, pairs):
-        """Scales the model's gradients by min(1, clip_norm / |g|), |g| the global norm of the
-        whole update's gradient: the replicas' parts are summed first (PITFALLS: Keras's
-        clipnorm clips each replica's part)."""
-        clipped = [i for i, (_, v) in enumerate(pairs) if id(v) not in self.unclipped]
-        local = [tf.convert_to_tensor(pairs[i][0]) for i in clipped]
-        context = tf.distribute.get_replica_context()
-        total = context.all_reduce(tf.distribute.ReduceOp.SUM, local) if context else local
-        norm = tf.linalg.global_norm(total)
-        factor = tf.minimum(1.0, tf.math.divide_no_nan(tf.constant(self.clip_norm, norm.dtype),
-                                                       norm))
-        factor = tf.where(norm > 0.0, factor, 1.0)
-        pairs = list(pairs)
-        for i, g in zip(clipped, local):
-            pairs[i] = (g * tf.cast(factor, g.dtype), pairs[i][1])
-        return pairs
-
-    def __call__(self, pairs) -> None:
-        # tf.identity: every gradient a tensor of this graph (some are captured from outside
-        # the cond that decides whether to apply), as Keras's all-reduce requires.
-        remaining = [(tf.identity(g), v) for g, v in pairs]
-        if self.clip_norm:
-            remaining = self._clip(remaining)
-        for optimizer, ids in self.groups:
-            mine = remaining if ids is None else [(g, v) for g, v in remaining if id(v) in ids]
-            remaining = [] if ids is None else [(g, v) for g, v in remaining if id(v) not in ids]
-            if mine:
-                optimizer.apply_gradients(mine)
-
-
-def layer_state(model: keras.Model) -> list:
-    """Non-trainable layer state that a forward pass in training mode advances: BatchNorm's
-    moving statistics and the RNG state of Dropout-like layers (`SeedGenerator`s)."""
-    state = list(model.non_trainable_variables)
-    for layer in model._flatten_layers(include_self=True, recursive=True):
-        for generator in getattr(layer, "_seed_generators", ()) or ():
-            state.append(generator.state)
-    return unique_variables(state)
-
-
-def unique_variables(variables) -> list:
-    """`variables` without repeats (by identity), in order."""
-    seen, unique = set(), []
-    for v in variables:
-        if id(v) not in seen:
-            seen.add(id(v))
-            unique.append(v)
-    return unique
+    sums: UpdateStats    # the statistics summed over the applied updates
+    applied: Any         # int32 []: updates applied
+    steps_run: Any       # int32 []: updates run (applied or dropped)
+    examples: Any        # float32 []: examples read
+    last: UpdateStats    # the last update's statistics
 
 
 class TrainStep:
@@ -120,7 +49,7 @@ class TrainStep:
                  strategy: tf.distribute.Strategy, options: TrainerOptions,
                  optimizer_groups: dict, variables: Sequence[tf.Variable],
                  shared_variables=(), scope_variables=None,
-                 group_methods: dict | None = None, group_of=None,
+                 group_methods: dict | None = None,
                  train_metrics: dict, eval_metrics: dict,
                  eval_losses: dict, step: tf.Variable, skipped_steps: tf.Variable,
                  loss_scale: LossScale | None = None):
@@ -140,21 +69,12 @@ class TrainStep:
         model_variables = [v for v in variables if id(v) not in method_ids]
         variable_ids = {id(v) for v in variables}
         self.shared_variables = [v for v in shared_variables if id(v) in variable_ids]
-        self.source = gradient_sources.gradient_source(
-            method=weighting, gradient_mode=options.gradient_mode,
-            forward_for=lambda need_features: gradient_sources.Forward(
-                model, self.tasks, need_features=need_features),
-            tasks=self.tasks, strategy=strategy, model_variables=model_variables,
-            shared_variables=self.shared_variables, micro_batches=self.micro_batches,
-            group_methods=group_methods, group_of=group_of,
-            jacobian_chunk_size=options.jacobian_chunk_size,
-            jacobian_dtype=options.jacobian_dtype,
+        self.source = plan.gradient_source(
+            method=weighting, options=options, model=model, tasks=self.tasks,
+            strategy=strategy, model_variables=model_variables,
+            shared_variables=self.shared_variables, group_methods=group_methods,
             scope_variables=None if scope_variables is None else [
                 v for v in scope_variables if id(v) in variable_ids])
-        if options.jit_compile:
-            # Forward and backward only: XLA cannot compile the cross-replica parts (PITFALLS).
-            self.source._replica_pass = tf.function(self.source._replica_pass,
-                                                    jit_compile=True)
         self.policy = UpdatePolicy(options.on_nonfinite, loss_scale)
         self.apply_gradients = OptimizerApply(optimizer_groups, options.clip_norm,
                                               unclipped=weighting.trainable_variables)
@@ -194,17 +114,13 @@ class TrainStep:
         for variable, value in zip(self.method_state, saved_method_state):
             variable.assign(value)
 
-    def _train_loop(self, iterator, num_steps: tf.Tensor):
+    def _train_loop(self, iterator, num_steps: tf.Tensor) -> LoopOutputs:
         """Runs up to `num_steps` updates in one call.
 
-        Returns (sums over the applied updates of the statistics [T + 3]: task losses,
-        regularisation, examples, -; updates applied; updates run; examples read; the last
-        update's statistics). Fewer than `num_steps` run only when a non-finite loss or
-        gradient stops the loop (policy "stop"); that update is not applied.
+        Fewer than `num_steps` run only when a non-finite loss or gradient stops the loop
+        (policy "stop"); that update is not applied, and `last` holds its statistics.
         """
-        num_tasks = len(self.tasks)
-        size = num_tasks + NUM_EXTRA_STATS
-        sums, last = tf.zeros([size]), tf.zeros([size])
+        sums, last = UpdateStats.zeros(len(self.tasks)), UpdateStats.zeros(len(self.tasks))
         steps_run, applied, examples = tf.constant(0), tf.constant(0), tf.constant(0.0)
         for _ in tf.range(num_steps):
             batches = [next(iterator) for _ in range(self.micro_batches)]
@@ -215,8 +131,8 @@ class TrainStep:
                                          self.layer_state)
             stats = update.stats
             verdict = self.policy.judge(
-                losses_finite=all_finite(stats[:num_tasks + REG + 1]),
-                gradients_finite=(stats[num_tasks + BAD_GRAD] == 0.0) & update.finite)
+                losses_finite=all_finite([stats.task_losses, stats.regularisation]),
+                gradients_finite=(stats.bad_gradient == 0.0) & update.finite)
             last = stats
             if verdict.stop:
                 self._drop(saved_method_state)
@@ -230,9 +146,10 @@ class TrainStep:
             self.step.assign_add(1)
             steps_run += 1
             applied += tf.cast(verdict.apply, tf.int32)
-            examples += stats[num_tasks + gradient_sources.EXAMPLES]
-            sums += tf.where(verdict.apply, stats, tf.zeros_like(stats))
-        return sums, applied, steps_run, examples, last
+            examples += stats.examples
+            sums = sums.plus(stats.where(verdict.apply))
+        return LoopOutputs(sums=sums, applied=applied, steps_run=steps_run, examples=examples,
+                           last=last)
 
     # ---------------------------------------------------------------------------- diagnostics
     def _replica_task_jacobian(self, batch, normalisers):

@@ -1,17 +1,18 @@
-"""The newest balancing methods: FairGrad, DB-MTL, STCH, ConFIG, DualProj, MoCo.
+"""Gradient methods whose direction needs the Jacobian itself, not only its Gramian: `db_mtl`
+(DB-MTL: gradients of the log losses, tracked by a moving average and rescaled to the largest
+norm, Lin et al.), `moco` (MoCo: tracked gradients combined by weights moved along their
+Gramian, Fernando et al.) and `config` (ConFIG: the least-norm direction with equal inner
+products with every unit task gradient, rescaled, Liu, Chen & Thuerey). GradDrop, which also
+needs the Jacobian, is with the other gradient surgery in `gradient_surgery`.
 
-Each is written from its paper and its official code (or LibMTL / TorchJD, where those are the
-reference implementations); every default names its source. Like the other modules:
-
-  * A loss method (`stch`) returns `sum_t stop_gradient(weight_t) * share_t` with the weights
-    computed from `context.global_losses`, so a multi-replica step computes exactly the
-    single-device gradient of the official objective.
-  * Gradient methods receive the whole update's Jacobian (the same on every replica); state is
-    kept in `state_variable`s (ONLY_FIRST_REPLICA), so every replica computes the same direction.
-  * `db_mtl` and `moco` track one vector per task of the shared parameters' size, which `build`
-    does not know: their buffers are variables of shape [T, None], empty until the first call,
-    and restart from zero (as at the first call) if the number of shared parameters changes
-    (e.g. when a frozen backbone is unfrozen).
+Each receives the whole update's Jacobian (the same on every replica); state is kept in
+`state_variable`s (ONLY_FIRST_REPLICA), so every replica computes the same direction. `db_mtl`
+and `moco` track one vector per task of the shared parameters' size, which `build` does not
+know: their buffers are variables of shape [T, None], empty until the first call, and restart
+from zero (as at the first call) if the number of shared parameters changes (e.g. when a frozen
+backbone is unfrozen). Their directions are not combinations of the rows given: `weights()`
+reports the least-squares combination of the rows closest to the direction; `config`'s weights
+are exact.
 """
 
 from __future__ import annotations
@@ -21,9 +22,8 @@ from typing import Sequence
 import tensorflow as tf
 
 from mtl.weighting import solvers
-from mtl.weighting.base import (GradientWeighting, GramianWeighting, LossWeighting, StepContext,
-                                check_option, global_losses, is_int, is_number, state_variable)
-from mtl.weighting.gradient_based import TraceNormalisedGramian
+from mtl.weighting.base import (GradientWeighting, StepContext, check_option, is_number,
+                                state_variable)
 
 _FLOAT32_EPS = 1.1920929e-07
 
@@ -55,79 +55,6 @@ def _store_rows(buffer: tf.Variable, width: tf.Variable, rows: tf.Tensor) -> Non
 
 def _row_norms(matrix: tf.Tensor) -> tf.Tensor:
     return tf.sqrt(tf.reduce_sum(tf.square(matrix), axis=1))
-
-
-class FairGrad(GramianWeighting):
-    """FairGrad (Ban & Ji, "Fair Resource Allocation in Multi-Task Learning", ICML 2024).
-
-    Maximises the alpha-fair utility sum_t (g_t . d)^{1-alpha} / (1 - alpha) of the tasks' gains
-    over a ball; with d = sum_t w_t g_t its optimality condition is
-
-        G w = w^{-1/alpha}   (elementwise, w > 0),   d = J^T w,
-
-    so every task's gain is g_t . d = w_t^{-1/alpha} > 0 (the direction conflicts with no task).
-    alpha = 1 is Nash-MTL's bargaining solution; alpha -> infinity approaches max-min fairness.
-    The official code (and LibMTL) solves the equations with `scipy.optimize.least_squares` from
-    w = 1/T; here they are the stationarity condition of the strictly convex
-    phi(w) = w^T G w / 2 - sum_t h(w_t), h' = w^{-1/alpha}, minimised by damped Newton in float64
-    on G / |G|_F (the solution for G is the one for G / |G|_F times |G|_F^{-alpha/(alpha+1)}),
-    with a 1e-10 ridge so that a solution exists for (nearly) Pareto-stationary gradients.
-    The official code then clips the shared gradient at norm `max_norm` = 1: that is the
-    step's gradient clipping, the trainer's `clip_norm=1` (`--clip_norm=1`), not a weighting
-    option.
-
-    Options:
-      alpha: the fairness exponent (> 0). Default 1.0: the official `FairGrad(alpha=1.0)`
-        class default and LibMTL's `--FairGrad_alpha` default (the official CelebA script runs
-        alpha = 2).
-
-    rep mode: no (LibMTL refuses rep_grad for it; the official code uses the shared
-    parameters). Cost: T backward passes + the Gramian + O(T^3) Newton steps.
-    """
-
-    name = "fairgrad"
-    no_rep_reason = ("its official code and LibMTL solve it on the shared parameters' gradients "
-                     "(LibMTL refuses rep_grad for it)")
-    RIDGE = 1e-10
-
-    def __init__(self, alpha: float = 1.0):
-        super().__init__()
-        check_option(is_number(alpha) and alpha > 0, self.name, "alpha", alpha, "a number > 0")
-        self.alpha = float(alpha)
-
-    def _solve(self, gramian: tf.Tensor, max_iterations: int = 200) -> tf.Tensor:
-        """w > 0 with G w = w^(-1/alpha), for a positive definite float64 G."""
-        t = self.num_tasks
-        exponent = 1.0 / self.alpha
-
-        def body(i, w, decrement):
-            gradient = tf.linalg.matvec(gramian, w) - tf.pow(w, -exponent)
-            hessian = gramian + tf.linalg.diag(exponent * tf.pow(w, -exponent - 1.0))
-            delta = -tf.linalg.cholesky_solve(tf.linalg.cholesky(hessian), gradient[:, None])[:, 0]
-            decrement = tf.maximum(-tf.reduce_sum(gradient * delta), 0.0)
-            step = 1.0 / (1.0 + tf.sqrt(decrement))
-            # Stay inside w > 0: at most 90% of the way to the boundary.
-            limit = tf.reduce_min(tf.where(delta < 0.0, -0.9 * w / delta,
-                                           tf.constant(float("inf"), tf.float64)))
-            return i + 1, w + tf.minimum(step, limit) * delta, decrement
-
-        _, w, _ = tf.while_loop(
-            lambda i, w, dec: (i < max_iterations) & (dec > 1e-20), body,
-            (tf.constant(0), tf.fill([t], tf.constant(1.0 / t, tf.float64)),
-             tf.constant(float("inf"), tf.float64)))
-        return w
-
-    def weights_from_gramian(self, gramian: tf.Tensor,
-                             context: StepContext | None = None) -> tf.Tensor:
-        del context
-        gramian = tf.cast(gramian, tf.float64)
-        scale = tf.norm(gramian)
-        normalised = tf.math.divide_no_nan(gramian, scale)
-        normalised += self.RIDGE * tf.eye(self.num_tasks, dtype=tf.float64)
-        w = self._solve(normalised)
-        w = w * tf.pow(tf.maximum(scale, 1e-300), -self.alpha / (self.alpha + 1.0))
-        w = tf.where(scale > 0.0, w, tf.zeros_like(w))
-        return self._record_gradient_weights(tf.cast(w, tf.float32))
 
 
 class DBMTL(GradientWeighting):
@@ -195,83 +122,6 @@ class DBMTL(GradientWeighting):
         return direction
 
 
-class STCH(LossWeighting):
-    """Smooth Tchebycheff scalarisation (Lin, Zhang, Yang, Zhang, Zhang & Liu, "Smooth
-    Tchebycheff Scalarization for Multi-Objective Optimization", ICML 2024), as in the official
-    multi-task code (Xi-L/STCH, STCH_MTL, built on LibMTL; also LibMTL's `STCH`).
-
-    The paper's scalarisation is mu log sum_t exp(w_t (L_t - z_t) / mu), a smooth maximum. The
-    official multi-task code uses w_t = 1, the log losses against a reference point measured
-    after a warm-up, and a factor T:
-
-        warm-up (epochs < warmup_epoch):   sum_t log(L_t + 1e-20)
-        averaging epoch (== warmup_epoch): the same, and n = the mean of the losses seen
-        after:                             T mu log sum_t exp(log(L_t / n_t + 1e-20) / mu)
-
-    Here an epoch is `period` steps (as `dwa`): warm-up for the first `warmup_periods * period`
-    steps, the reference point n averaged over the next `period` steps, then STCH. The step
-    differentiates `sum_t stop_gradient(c_t) * L_t` with c_t = dObjective/dL_t from the global
-    losses (log phase: 1 / (L_t + 1e-20); STCH phase: T softmax_t(l / mu) / (L_t + 1e-20 n_t)),
-    times Task.weight: the official objective's gradient, exact under distribution (the
-    returned value is not the objective's). A task with loss 0 (no label in the update) gets
-    weight 0, is left out of the softmax, and is not averaged into n.
-
-    Options:
-      mu: smoothing parameter (> 0); default 1.0, LibMTL's `--STCH_mu`.
-      warmup_periods: warm-up epochs (an int >= 0); default 4, LibMTL's `--STCH_warmup_epoch`.
-      period: steps per epoch (an int >= 1); default 100 (as `dwa`; set it to the steps of an
-        epoch to follow the official code exactly).
-
-    State: step count, the running sum and count of the losses, the reference point n.
-    Cost: as `equal`.
-    """
-
-    name = "stch"
-
-    def __init__(self, mu: float = 1.0, warmup_periods: int = 4, period: int = 100):
-        super().__init__()
-        check_option(is_number(mu) and mu > 0, self.name, "mu", mu, "a number > 0")
-        check_option(is_int(warmup_periods) and warmup_periods >= 0, self.name,
-                     "warmup_periods", warmup_periods, "an integer >= 0")
-        check_option(is_int(period) and period >= 1, self.name, "period", period,
-                     "an integer >= 1 (steps)")
-        self.mu = float(mu)
-        self.warmup_periods = int(warmup_periods)
-        self.period = int(period)
-
-    def build(self, task_names: Sequence[str], task_weights: Sequence[float]) -> None:
-        super().build(task_names, task_weights)
-        t = self.num_tasks
-        self.steps = state_variable(0, "steps", tf.int64)
-        self.loss_sum = state_variable(tf.zeros([t]), "loss_sum")
-        self.loss_count = state_variable(tf.zeros([t]), "loss_count")
-        self._create_last_weights()
-
-    def combine(self, losses: tf.Tensor, context: StepContext | None = None) -> tf.Tensor:
-        current = global_losses(losses, context)
-        present = current > 0.0
-        warmup_end = self.warmup_periods * self.period
-        averaging = (self.steps >= warmup_end) & (self.steps < warmup_end + self.period)
-        stch_phase = self.steps >= warmup_end + self.period
-
-        ones = tf.ones_like(current)
-        nadir = tf.where(self.loss_count > 0.0,
-                         tf.math.divide_no_nan(self.loss_sum, self.loss_count), ones)
-        log_ratio = tf.math.log(tf.where(present, current / nadir, 1.0) + 1e-20)
-        logits = tf.where(present, log_ratio / self.mu, -float("inf"))
-        softmax = tf.where(present, tf.nn.softmax(logits), 0.0)
-        stch = self.num_tasks * softmax / (current + 1e-20 * nadir)
-        log_sum = 1.0 / (current + 1e-20)
-        adaptive = tf.where(present, tf.where(stch_phase, stch, log_sum), 0.0)
-        weights = self._record_weights(self.task_weights * adaptive)
-
-        take = averaging & present
-        self.loss_sum.assign_add(tf.where(take, current, 0.0))
-        self.loss_count.assign_add(tf.where(take, 1.0, 0.0))
-        self.steps.assign_add(1)
-        return tf.reduce_sum(weights * losses)
-
-
 class ConFIG(GradientWeighting):
     """ConFIG (Liu, Chen & Thuerey, "ConFIG: Towards Conflict-free Training of Physics Informed
     Neural Networks", ICLR 2025; official package `conflictfree`, and TorchJD's `ConFIG`).
@@ -316,41 +166,6 @@ class ConFIG(GradientWeighting):
         row_weights = tf.cast(length * c * inverse_norms, tf.float32)
         self._record_gradient_weights(row_weights)
         return tf.linalg.matvec(jacobian, row_weights, transpose_a=True)
-
-
-class DualProj(TraceNormalisedGramian):
-    """DualProj (TorchJD's `DualProj`; Quinton & Rey, "Jacobian Descent for Multi-Objective
-    Optimization", 2024; Equation 11 of Lopez-Paz & Ranzato's GEM, NeurIPS 2017).
-
-    The mean of the rows projected onto the dual cone of the rows {x : J x >= 0}: by the
-    paper's Proposition 1 the projection of J^T u (u = 1/T) is J^T v with
-
-        v = argmin_v v^T G v  s.t.  v >= u,
-
-    so every task's gain g_t . d = (G v)_t >= 0. As TorchJD, G is divided by its trace (a trace
-    below `norm_eps` gives zero weights) and `reg_eps` I is added; the non-conflict property
-    then holds up to that regulariser (exactly with reg_eps = 0). The QP is solved exactly, by an
-    active-set method in float64 (`solvers.project_to_dual_cone`).
-
-    Options:
-      reg_eps: ridge added to the normalised Gramian (>= 0); default 1e-4, TorchJD's default.
-      norm_eps: trace below which the weights are zero (>= 0); default 1e-4, TorchJD's default.
-
-    rep mode: no (TorchJD defines it on the Jacobian of the shared parameters).
-    Cost: T backward passes + the Gramian + the T x T QP.
-    """
-
-    name = "dualproj"
-    no_rep_reason = "TorchJD defines it on the Jacobian of the shared parameters"
-
-    def weights_from_gramian(self, gramian: tf.Tensor,
-                             context: StepContext | None = None) -> tf.Tensor:
-        del context
-        normalised, usable = self._normalised(gramian)
-        lower = tf.fill([1, self.num_tasks], 1.0 / self.num_tasks)
-        v = solvers.project_to_dual_cone(normalised, lower)[0]
-        v = tf.where(usable, v, tf.zeros_like(v))
-        return self._record_gradient_weights(v)
 
 
 class MoCo(GradientWeighting):

@@ -14,14 +14,15 @@ Model selection (`select`):
             validation metric. The test metrics reported are those of that step (TensorBoard
             eval/, results.json at the last step); the test data never chooses.
 
-Statistics (mtl.stats), over seeds: per task and metric the mean, std (ddof=1) and 95% Student-t
-interval; Δm of each run PER SEED against the same seed's baselines (mtl.report.delta_m), then
-its mean, std and interval; each method against `equal` (same architecture, same seeds): the
-paired differences of Δm, their interval and the two-sided paired t-test, "better"/"worse" only
-where p < 0.05; likewise each soft-sharing architecture against `hps` with the same method.
-Every one of these paired tests also gets Holm's adjusted p-value ("p_holm") over all the paired
-tests of the comparison: where it is < 0.05 the difference holds with a family-wise error rate
-of 5%.
+Statistics (mtl.evidence.stats), over seeds: per task and metric the mean, std (ddof=1) and
+95% Student-t interval; Δm of each run PER SEED against the same seed's baselines
+(mtl.evidence.report.delta_m), then its mean, std and interval; each method against `equal`
+(same architecture, same seeds): the paired differences of Δm, their interval and the
+two-sided paired t-test, "better"/"worse" only where p < 0.05; likewise each soft-sharing
+architecture against `hps` with the same method. Every one of these paired tests also gets
+Holm's adjusted p-value ("p_holm") over all the paired tests of the comparison: where it is
+< 0.05 the difference holds with a family-wise error rate of 5%. `markdown` writes the
+comparison's report.md (mtl.evidence.plots its PNG plots).
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ import dataclasses
 import math
 from typing import Mapping, Sequence
 
-from mtl import report, stats
 from mtl.errors import UsageError
+from mtl.evidence import report, stats
 
 SELECTIONS = ("final", "best_val")
 REFERENCE = "equal"
@@ -141,7 +142,7 @@ def compare(protocol: Protocol, runs: Mapping[str, report.RunLogs],
     """The comparison as a JSON-ready dict: every run's selected evaluation, the baselines'
     and each entry's per-task statistics, Δm per seed and over seeds, and the paired tests
     against `equal` (see the module docstring). `runs` maps every run name of `run_settings`
-    to its logs (`mtl.report.read_run`)."""
+    to its logs (`mtl.evidence.report.read_run`)."""
     baselines, selected = {}, {}
     for seed in protocol.seeds:
         stl = {task: runs[stl_run_name(task, seed)] for task in protocol.tasks}
@@ -270,7 +271,7 @@ def markdown(comparison: dict, *, command: str, train_steps: int, eval_every: in
              plots: Sequence[str] = (), timing: Mapping | None = None) -> str:
     """report.md: the header (seeds, selection, steps, command, run time and machine), Δm with
     the paired tests, the per-task table, the per-seed table and the plots (file names in the
-    same folder). `timing`: scripts/compare.py's `run_time` (None: no run-time line)."""
+    same folder). `timing`: `mtl.evidence.timing.run_time` (None: no run-time line)."""
     c = comparison
     seeds, confidence = c["seeds"], c["confidence"]
     pct = f"{confidence:.0%}"

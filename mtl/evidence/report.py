@@ -7,7 +7,8 @@
 reads each run's results.json and TensorBoard logs (train/, eval/) and writes
 `report.md` (per task and metric: MTL, STL, relative difference; then Δm), `report.json` (the same
 numbers) and, when matplotlib is installed, `curves_<task>.png` (train and eval curves of every
-run). Nothing here trains.
+run, drawn by mtl.evidence.plots). Nothing here trains. Reading a run folder (results.json and
+its TensorBoard scalars: `read_run`) is here too; mtl.evidence.comparison reads every run so.
 
 Δm (Maninis et al. 2019; Vandenhende et al. 2021) is the average relative gain of the multi-task
 model over the single-task baselines, in percent; positive means MTL is better:
@@ -31,7 +32,10 @@ import re
 from typing import Mapping, Sequence
 
 import tensorflow as tf
+
+from mtl import runs as runs_lib
 from mtl.errors import UsageError
+from mtl.evidence.plots import plot_run_curves
 
 LOWER_IS_BETTER = ("loss", "error", "mae", "mse", "rmse", "mape", "msle", "crossentropy",
                    "hinge", "distance")
@@ -193,9 +197,7 @@ class RunLogs:
 def read_run(model_dir: str, label: str) -> RunLogs:
     """results.json and the train/eval (and validation, when the run has them) scalars of a
     run folder."""
-    from mtl import runs
-
-    results = runs.read_results(model_dir)
+    results = runs_lib.read_results(model_dir)
     return RunLogs(label=label, model_dir=model_dir, step=results.get("step"),
                    results=results["results"],
                    train=read_scalars(os.path.join(model_dir, "train")),
@@ -235,56 +237,6 @@ def markdown(delta: DeltaM, mtl_run: RunLogs | None = None,
                      f"({terms}); "
                      "positive: the multi-task model is better than the single-task baselines.")
     return "\n".join(lines) + "\n"
-
-
-def plot_curves(mtl_run: RunLogs, stl_runs: Mapping[str, RunLogs], out_dir: str
-                ) -> list[str] | str:
-    """`curves_<task>.png` per task: one panel per metric, train and eval curves of the MTL run
-    and of the task's STL run. Returns the paths, or a message when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return ("PNG curves skipped: matplotlib is not installed (pip install matplotlib, or "
-                "pip install -e '.[report]').")
-    paths = []
-    for task in mtl_run.results:
-        runs_for_task = [mtl_run] + ([stl_runs[task]] if task in stl_runs else [])
-        metrics = []
-        for run in runs_for_task:
-            for logs in (run.train, run.eval):
-                for tag in logs:
-                    if tag.startswith(f"{task}/") and tag.split("/", 1)[1] not in metrics:
-                        metrics.append(tag.split("/", 1)[1])
-        if not metrics:
-            continue
-        figure, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.6),
-                                    squeeze=False)
-        for axis, metric in zip(axes[0], metrics):
-            for color, run in enumerate(runs_for_task):  # One colour per run.
-                for split, logs, style in (("train", run.train, "-"), ("eval", run.eval, "o--")):
-                    points = logs.get(f"{task}/{metric}")
-                    if points:
-                        steps, values = zip(*points)
-                        axis.plot(steps, values, style, color=f"C{color}", markersize=3,
-                                  label=f"{run.label} {split}")
-            axis.set_title(f"{task}: {metric}")
-            axis.set_xlabel("step")
-            axis.grid(alpha=0.3)
-            axis.legend(fontsize=8)
-        figure.tight_layout()
-        path = os.path.join(out_dir, f"curves_{file_safe(task)}.png")
-        figure.savefig(path, dpi=100)
-        plt.close(figure)
-        paths.append(path)
-    return paths
-
-
-def file_safe(name: str) -> str:
-    """`name` as a file name: runs of other characters than letters, digits, `_.-` become `_`."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
 @dataclasses.dataclass
@@ -328,7 +280,7 @@ def write_report(mtl_dir: str, stl_dirs: Mapping[str, str], out_dir: str, *,
                    "mtl": mtl_dir, "stl": dict(stl_dirs), "step": mtl_run.step}, f, indent=2)
     files.append(path)
     if plots:
-        plotted = plot_curves(mtl_run, stl_runs, out_dir)
+        plotted = plot_run_curves(mtl_run, stl_runs, out_dir)
         if isinstance(plotted, str):
             notes.append(plotted)
         else:

@@ -1,4 +1,8 @@
-"""The plots of a multi-seed comparison (`mtl.comparison.compare`'s dict), as PNG files:
+"""The PNG plots of the evidence: those of a multi-seed comparison
+(`mtl.evidence.comparison.compare`'s dict) and the curves of one run report
+(`mtl.evidence.report.write_report`).
+
+A comparison's (`write_plots`):
 
   delta_m.png             Δm per method (and architecture): the mean over seeds with its
                           confidence interval; the single-task models at 0.
@@ -7,16 +11,21 @@
   curves_<task>.png       each task's first Δm metric on the test data against the step: the
                           mean over seeds with its interval as a band.
 
+A run report's (`plot_run_curves`):
+
+  curves_<task>.png       one panel per metric: the train and eval curves of the multi-task run
+                          and of the task's single-task run.
+
 Needs matplotlib (`pip install -e ".[report]"`): `missing_matplotlib()` says so before anything
-is trained.
+is trained; `plot_run_curves` returns a message instead when it is missing.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
-
-from mtl.report import file_safe
+import re
+from typing import Mapping
 
 MATPLOTLIB_MISSING = ("matplotlib is not installed: the comparison's plots need it (pip install "
                       "matplotlib, or pip install -e '.[report]'); or pass --no_plots.")
@@ -25,6 +34,11 @@ MATPLOTLIB_MISSING = ("matplotlib is not installed: the comparison's plots need 
 def missing_matplotlib() -> str | None:
     """None when matplotlib is installed, else the message to show."""
     return MATPLOTLIB_MISSING if importlib.util.find_spec("matplotlib") is None else None
+
+
+def file_safe(name: str) -> str:
+    """`name` as a file name: runs of other characters than letters, digits, `_.-` become `_`."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
 def _pyplot():
@@ -134,3 +148,49 @@ def plot_curves(comparison: dict, out_dir: str) -> list[str]:
         axis.legend(fontsize=7)
         names.append(_save(plt, figure, out_dir, f"curves_{file_safe(task)}.png"))
     return names
+
+
+# ----------------------------------------------------------------- one run's report
+def plot_run_curves(mtl_run, stl_runs: Mapping, out_dir: str) -> list[str] | str:
+    """`curves_<task>.png` per task: one panel per metric, train and eval curves of the MTL run
+    and of the task's STL run (`mtl.evidence.report.RunLogs` each). Returns the paths, or a
+    message when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return ("PNG curves skipped: matplotlib is not installed (pip install matplotlib, or "
+                "pip install -e '.[report]').")
+    paths = []
+    for task in mtl_run.results:
+        runs_for_task = [mtl_run] + ([stl_runs[task]] if task in stl_runs else [])
+        metrics = []
+        for run in runs_for_task:
+            for logs in (run.train, run.eval):
+                for tag in logs:
+                    if tag.startswith(f"{task}/") and tag.split("/", 1)[1] not in metrics:
+                        metrics.append(tag.split("/", 1)[1])
+        if not metrics:
+            continue
+        figure, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.6),
+                                    squeeze=False)
+        for axis, metric in zip(axes[0], metrics):
+            for color, run in enumerate(runs_for_task):  # One colour per run.
+                for split, logs, style in (("train", run.train, "-"), ("eval", run.eval, "o--")):
+                    points = logs.get(f"{task}/{metric}")
+                    if points:
+                        steps, values = zip(*points)
+                        axis.plot(steps, values, style, color=f"C{color}", markersize=3,
+                                  label=f"{run.label} {split}")
+            axis.set_title(f"{task}: {metric}")
+            axis.set_xlabel("step")
+            axis.grid(alpha=0.3)
+            axis.legend(fontsize=8)
+        figure.tight_layout()
+        path = os.path.join(out_dir, f"curves_{file_safe(task)}.png")
+        figure.savefig(path, dpi=100)
+        plt.close(figure)
+        paths.append(path)
+    return paths

@@ -1,5 +1,6 @@
-"""Statistics over seeds: mean, standard deviation, Student-t confidence intervals and the paired
-t-test. Pure functions of lists of numbers (one value per seed); nothing here reads runs.
+"""Statistics over seeds: mean, standard deviation, Student-t confidence intervals, the paired
+t-test and Holm's adjustment of many p-values. Pure functions of lists of numbers (one value
+per seed); nothing here reads runs.
 
     summary = summarize([1.2, 0.8, 1.5])            # mean, std (ddof=1), 95% CI of the mean
     paired = paired_comparison(method, reference)   # a[i], b[i]: the same seed
