@@ -14,8 +14,8 @@ from mtl import (architectures, backbones, data, distribute, export, heads,  # n
 from mtl.config import Config, FineTuning, TrainerOptions, UsageError  # noqa: E402
 from mtl.model import MultiTaskModel, SharingReport, sharing_report  # noqa: E402
 from mtl.tasks import Task  # noqa: E402
-from mtl.trainer import (CheckpointReadError, CheckpointWriteError, History,  # noqa: E402
-                         NonFiniteError, Trainer, TrainingStopped)
+from mtl.training import (CheckpointReadError, CheckpointWriteError, History,  # noqa: E402
+                          NonFiniteError, Trainer, TrainingStopped)
 
 __version__ = "0.1.0"
 

@@ -28,7 +28,7 @@ from absl import app
 
 from mtl import flags
 from mtl.errors import UsageError
-from mtl.trainer import CheckpointReadError, CheckpointWriteError, NonFiniteError, TrainingStopped
+from mtl.training import CheckpointReadError, CheckpointWriteError, NonFiniteError, TrainingStopped
 
 #: The exit status of a program stopped by a user error.
 USAGE_STATUS = 2

@@ -335,7 +335,7 @@ _OWN = tuple(f.name for f in dataclasses.fields(Config) if f.name != "trainer")
 SETTINGS = tuple(name for name, _, _ in flat_fields(Config))
 _TRAINER_PATHS = {name: path[1:] for name, _, path in flat_fields(Config) if path}
 #: Settings a resumed run may change freely: they shape neither its state nor the meaning of
-#: its results (`mtl.run_record`). Every other setting needs --allow_config_change.
+#: its results (`mtl.training.run_record`). Every other setting needs --allow_config_change.
 FREE_TO_CHANGE = tuple(name for name, field, _ in flat_fields(Config)
                        if not field.metadata["state"])
 #: Which entry of the trainer's record (`mtl.options.TRAINER_RECORD`) a setting feeds.

@@ -18,12 +18,13 @@ from absl import logging
 
 from absl import app
 
-from mtl import distribute, flags, progress, run_record, transfer
+from mtl import distribute, flags, transfer
 from mtl.config import Config
 from mtl.errors import UsageError
 from mtl.options import PRECISION_POLICIES
 from mtl.tasks import Task
-from mtl.trainer import Trainer
+from mtl.training import progress, run_record
+from mtl.training.trainer import Trainer
 
 
 @dataclasses.dataclass(frozen=True)

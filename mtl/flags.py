@@ -10,6 +10,7 @@ the README's table of these flags, generated from the same fields.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import sys
@@ -60,11 +61,11 @@ def _define(name: str, field: dataclasses.Field, default) -> None:
         flags.DEFINE_integer(name, default, help_text)
     elif kind == "float":
         flags.DEFINE_float(name, default, help_text)
-    elif kind == "enum" and not meta["registry"]:
+    elif kind == "enum":
         flags.DEFINE_enum(name, default, list(meta["choices"]), help_text)
     elif kind == "list":
         flags.DEFINE_list(name, default, help_text)
-    else:  # str, options, registry names (checked by the setting's rule, listing the names)
+    else:  # str, options, names of a registry (checked by the setting's rule, naming them)
         if meta["choices"] is not None:
             help_text = f"{help_text} (one of {list(meta['choices'])})"
         flags.DEFINE_string(name, default, help_text)
@@ -112,6 +113,21 @@ def config_from_flags(flag_values=None) -> Config:
             value = parse_options(value, f"--{name}")
         settings[name] = value
     return Config(**settings)
+
+
+def config_from_argv(argv) -> Config:
+    """The `Config` a program would get from the command line `argv` (its first item the
+    program's name), parsed on a copy of the defined flags: the process's own flag values are
+    left untouched. A flag that does not exist or a value that is not allowed is a
+    `UsageError`, and so is an argument that is not a flag."""
+    values = copy.deepcopy(flags.FLAGS)
+    try:
+        rest = values(list(argv))
+    except flags.Error as e:
+        raise UsageError(str(e)) from None
+    if len(rest) > 1:
+        raise UsageError(f"unexpected arguments {rest[1:]}; expected --name=value flags.")
+    return config_from_flags(values)
 
 
 def flag_table(defaults: dict | None = None) -> str:

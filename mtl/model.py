@@ -137,7 +137,7 @@ class MultiTaskModel(keras.Model):
         `architecture_args` (the call to `mtl.architectures.build` that rebuilds this graph:
         `{"architecture", "input_shape", "backbone", "backbone_config", "options"}`) and
         `architecture_heads` (`{task: head layer}`, the heads that call was given) go together:
-        `mtl.model_record` records a model that has them as that call and its heads.
+        `mtl.training.model_record` records a model that has them as that call and its heads.
         """
         outputs = check_heads(outputs, what="outputs")
         if (architecture_args is None) != (architecture_heads is None):
@@ -318,3 +318,15 @@ def sharing_report(model: MultiTaskModel) -> SharingReport:
     return SharingReport(variables=tuple(rows), task_params=task_params,
                          num_params=sum(r.size for r in rows),
                          num_params_separate=sum(task_params.values()))
+
+
+def seed_states(model: keras.Model) -> list:
+    """The RNG state variables of the model's Dropout-like layers (their `SeedGenerator`s), each
+    once, in layer order: checkpointing the model does not reach them."""
+    states, seen = [], set()
+    for layer in model._flatten_layers(include_self=True, recursive=True):
+        for generator in getattr(layer, "_seed_generators", ()) or ():
+            if id(generator.state) not in seen:
+                seen.add(id(generator.state))
+                states.append(generator.state)
+    return states

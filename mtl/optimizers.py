@@ -1,9 +1,11 @@
-"""Optimizers by name, as the `--optimizer` flag names them."""
+"""The one look-up of optimizers by name: the `--optimizer` flag's names (`get`), and the
+`Trainer`'s `optimizer=` argument, a Keras optimizer object or a Keras optimizer name
+(`resolve`)."""
 
 from __future__ import annotations
 
 import keras
-from mtl.errors import UsageError
+from mtl.errors import UsageError, UsageTypeError
 
 _BUILDERS = {
     "sgd": lambda lr: keras.optimizers.SGD(lr),
@@ -23,3 +25,19 @@ def get(name: str, learning_rate: float) -> keras.optimizers.Optimizer:
     if not learning_rate > 0:
         raise UsageError(f"learning_rate must be > 0; got {learning_rate!r}.")
     return _BUILDERS[name](float(learning_rate))
+
+
+def resolve(optimizer) -> keras.optimizers.Optimizer:
+    """`optimizer` itself when it is a Keras optimizer object; a Keras optimizer name
+    (`keras.optimizers.get`, Keras's defaults) otherwise."""
+    if isinstance(optimizer, keras.optimizers.Optimizer):
+        return optimizer
+    if isinstance(optimizer, str):
+        try:
+            return keras.optimizers.get(optimizer)
+        except ValueError:
+            raise UsageError(f"Unknown optimizer {optimizer!r}; expected a Keras optimizer name "
+                             "('sgd', 'adam', 'adamw', 'rmsprop', ...) or a "
+                             "keras.optimizers.Optimizer object.") from None
+    raise UsageTypeError(f"optimizer must be a keras.optimizers.Optimizer or a name; got "
+                         f"{optimizer!r}.")

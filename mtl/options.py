@@ -51,7 +51,7 @@ def setting(default: Any = dataclasses.MISSING, *, help: str, kind: str | None =
         checked here, not by the flag parser (a registry whose message lists the names).
       choices / minimum / positive / optional: the value's rule, checked by `check_fields`
         (None passes when `optional`).
-      state: shapes the run's state or the meaning of its results (see `mtl.run_record`).
+      state: shapes the run's state or the meaning of its results (see `mtl.training.run_record`).
       record: the entry of the trainer's record (`trainer.json`) the setting feeds, when not its
         own name.
       record_as: the setting's value as recorded (default: as it is).
@@ -200,7 +200,7 @@ def document(cls) -> type:
 @document
 @dataclasses.dataclass(frozen=True)
 class FineTuning:
-    """Freezing and fine-tuning a shared backbone (see `mtl.finetune`)."""
+    """Freezing and fine-tuning a shared backbone (see `mtl.training.finetune`)."""
 
     freeze_backbone: bool = setting(
         False, state=True, help="keep the backbone fixed, in inference mode")
@@ -382,6 +382,7 @@ def scope_text(scope) -> str | None:
     return f"top:{scope[1]}" if scope[0] == "top" else ",".join(scope[1])
 
 
-#: The entries of a run's `trainer.json` (`mtl.run_record`): the trainer's own inputs (tasks,
-#: method, optimizer, precision) and every state-shaping setting of `TrainerOptions`.
+#: The entries of a run's `trainer.json` (`mtl.training.run_record`): the trainer's own
+#: inputs (tasks, method, optimizer, precision) and every state-shaping setting of
+#: `TrainerOptions`.
 TRAINER_RECORD = ("tasks", "weighting", "optimizer", "precision") + record_names(TrainerOptions)

@@ -3,7 +3,8 @@
     runs/multi_digits/
       config.json      {"experiment": name, <every Config field>}   (experiment scripts)
       model.json       the model's architecture (every Trainer with a model_dir, when the model
-                       can be serialized; written once, by `mtl.model_record.record_model`)
+                       can be serialized; written once, by
+                       `mtl.training.model_record.record_model`)
       checkpoints/     the Trainer's checkpoints
       results.json     {"step": N, "results": {task: {metric: value}}}   (experiment scripts)
 
@@ -20,20 +21,19 @@ import dataclasses
 import importlib.util
 import json
 import os
-import re
 import sys
 from typing import Sequence
 
 import keras
 import tensorflow as tf
-from absl import logging
 
-from mtl import checkpoints, transfer
-from mtl.model_record import MODEL_FILE, read_model_record, rebuild_model
+from mtl import transfer
 from mtl.config import Config
 from mtl.errors import UsageError
 from mtl.experiment import Experiment, select_tasks
 from mtl.options import PRECISION_POLICIES
+from mtl.training import checkpoints
+from mtl.training.model_record import MODEL_FILE, read_model_record, rebuild_model
 
 EXPERIMENTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                "experiments")
@@ -156,7 +156,7 @@ def restore_model(model_dir: str, *, experiments_dir: str | None = None,
             "a warning saying why). Rebuild the model in Python, restore it with "
             "tf.train.Checkpoint(model=model).restore(path).expect_partial() and call "
             "mtl.export.export(model, ...).")
-    path = readable_checkpoint(checkpoint or model_dir)
+    path = _readable_checkpoint(checkpoint or model_dir)
     if record is not None:
         model = rebuild_model(record, os.path.join(model_dir, MODEL_FILE))
     else:
@@ -168,7 +168,7 @@ def restore_model(model_dir: str, *, experiments_dir: str | None = None,
         raise UsageError(f"The model rebuilt for {model_dir!r} does not match checkpoint {path}: "
                          f"{str(e).splitlines()[0]}") from None
     return RestoredRun(model=model, config=config, experiment=experiment, checkpoint=path,
-                       step=checkpoint_step(path))
+                       step=checkpoints.checkpoint_step(path))
 
 
 def _experiment_model(experiment, config: Config) -> keras.Model:
@@ -180,32 +180,9 @@ def _experiment_model(experiment, config: Config) -> keras.Model:
         keras.mixed_precision.set_global_policy(previous)
 
 
-def checkpoint_candidates(directory: str) -> list[str]:
-    """The checkpoints in `directory`, newest first: those the `checkpoint` index lists and every
-    `<prefix>-<N>.index` found in the folder (the index may be stale or unreadable)."""
-    paths = set()
-    try:
-        state = tf.train.get_checkpoint_state(directory)
-    except Exception:  # noqa: BLE001 — an unreadable index: the folder scan below still works.
-        state = None
-    if state is not None:
-        for path in state.all_model_checkpoint_paths:
-            path = path if os.path.isabs(path) else os.path.join(directory, path)
-            if tf.io.gfile.exists(path + ".index"):
-                paths.add(os.path.normpath(path))
-    for index in tf.io.gfile.glob(os.path.join(directory, "*.index")):
-        paths.add(os.path.normpath(index[:-len(".index")]))
-
-    def number(path):
-        match = re.search(r"-(\d+)$", path)
-        return int(match.group(1)) if match else -1
-
-    return sorted(paths, key=lambda p: (number(p), p), reverse=True)
-
-
-def readable_checkpoint(source: str) -> str:
+def _readable_checkpoint(source: str) -> str:
     """The newest checkpoint of `source` (a run folder, a checkpoints folder or a checkpoint
-    prefix) whose every tensor can be read.
+    prefix) whose every tensor can be read (`mtl.training.checkpoints.first_readable`).
 
     Newer unreadable checkpoints of a folder are skipped with a warning naming them; a prefix
     that cannot be read, or a folder with no readable checkpoint, raises
@@ -215,34 +192,16 @@ def readable_checkpoint(source: str) -> str:
     if tf.io.gfile.isdir(source):
         directory = os.path.join(source, "checkpoints")
         directory = directory if tf.io.gfile.isdir(directory) else source
-        candidates = checkpoint_candidates(directory)
+        candidates = checkpoints.checkpoint_candidates(directory)
         if not candidates:
             raise RunFolderError(f"No checkpoint in {source!r}: expected an mtl run folder (with "
                                  "checkpoints/ inside) or a folder of checkpoints.")
     else:
         candidates = [transfer.resolve_checkpoint(source)]
-    problems = []
-    for path in candidates:
-        try:
-            checkpoints.read_all(path)
-        except (tf.errors.OpError, ValueError, OSError, IndexError, RuntimeError) as e:
-            problem = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            problems.append(f"{path}: {problem}")
-            logging.warning("Checkpoint %s is unreadable (%s); trying the previous one.",
-                            path, problem)
-            continue
-        if problems:
-            logging.warning("Using %s because newer checkpoints are unreadable: %s", path,
-                            "; ".join(problems))
-        return path
-    raise UnreadableCheckpointError("No readable checkpoint: " + "; ".join(problems) + ".")
-
-
-def checkpoint_step(path: str) -> int | None:
-    """The global step saved in a Trainer checkpoint (None if it holds none)."""
-    reader = tf.train.load_checkpoint(path)
-    key = "step/.ATTRIBUTES/VARIABLE_VALUE"
-    return int(reader.get_tensor(key)) if reader.has_tensor(key) else None
+    path, problems = checkpoints.first_readable(candidates)
+    if path is None:
+        raise UnreadableCheckpointError("No readable checkpoint: " + "; ".join(problems) + ".")
+    return path
 
 
 # ----------------------------------------------------------------------- results, data

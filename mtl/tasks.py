@@ -206,7 +206,7 @@ class Task:
     else by `sparse`. A Keras loss that takes probabilities (`from_logits=False`, the default
     of the cross-entropy names such as "sparse_categorical_crossentropy") on a head that
     outputs logits (`mtl.heads.classification`, `binary`, `multi_label`) is refused before
-    training (`mtl.validation.check_data`).
+    training (`mtl.training.validation.check_data`).
     """
 
     name: str

@@ -31,6 +31,7 @@ import tensorflow as tf
 from absl import logging
 from tensorflow.core.protobuf import trackable_object_graph_pb2
 from mtl.errors import UsageError, UsageTypeError
+from mtl.model import seed_states
 
 WEIGHTS_FILE_SUFFIXES = (".weights.h5", ".keras", ".h5", ".hdf5")
 
@@ -260,10 +261,7 @@ def restore_backbone(backbone: keras.Model, source: str) -> str:
 def restorable_variables(backbone: keras.Model) -> list:
     """The backbone's variables that checkpoints hold: all but RNG seed states (Dropout's
     `SeedGenerator`), which `tf.train.Checkpoint(model=...)` does not save."""
-    seeds = set()
-    for layer in backbone._flatten_layers(include_self=True, recursive=True):
-        for generator in getattr(layer, "_seed_generators", ()) or ():
-            seeds.add(id(generator.state))
+    seeds = {id(state) for state in seed_states(backbone)}
     return [v for v in backbone.weights if id(v) not in seeds]
 
 

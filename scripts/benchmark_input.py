@@ -32,8 +32,9 @@ import tensorflow as tf  # noqa: E402
 from absl import flags as absl_flags  # noqa: E402
 
 import mtl  # noqa: E402
-from mtl import cli, experiment, flags, input_state  # noqa: E402
+from mtl import cli, experiment, flags  # noqa: E402
 from mtl.data import multi_digits  # noqa: E402
+from mtl.training import input_state  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_EXAMPLES = 12_000  # multi_digits' train split

@@ -24,14 +24,11 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import copy  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
 import shlex  # noqa: E402
 import sys  # noqa: E402
 from typing import Sequence  # noqa: E402
-
-from absl import flags as absl_flags  # noqa: E402
 
 from mtl import architectures, cli, flags, weighting  # noqa: E402
 from mtl import runs as runs_lib  # noqa: E402
@@ -106,15 +103,10 @@ def experiment_config(name: str, experiments_dir: str, extra: Sequence[str]) -> 
     flag values are left untouched (a copy is parsed). Flags are process-wide: in a process
     that loaded another experiment script first, its defaults stand where they differ."""
     runs_lib.load_experiment(name, experiments_dir)  # Defines the flags with its defaults.
-    values = copy.deepcopy(absl_flags.FLAGS)
     try:
-        rest = values([f"{name}.py", *extra])
-    except absl_flags.Error as e:
+        return flags.config_from_argv([f"{name}.py", *extra])
+    except UsageError as e:
         raise UsageError(f"flags after `--`: {e}") from None
-    if len(rest) > 1:
-        raise UsageError(f"flags after `--`: unexpected arguments {rest[1:]}; expected "
-                         "--name=value flags of the experiment.")
-    return flags.config_from_flags(values)
 
 
 def plan(args, protocol: comparison.Protocol, config) -> list[tuple[sweep.Run, object]]:

@@ -21,7 +21,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import sys  # noqa: E402
 
-from mtl import cli, export, progress  # noqa: E402
+from mtl import cli, export  # noqa: E402
+from mtl.training import progress  # noqa: E402
 
 
 def parse_args(argv=None):

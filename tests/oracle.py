@@ -1,7 +1,7 @@
 """A deliberately plain reference of one update, written from the semantics in the README ("How
-a step works") and sharing no code with `mtl/step.py`, `mtl/gradient_sources.py` or
-`mtl/update_policy.py`: eager, one device, float32, no `tf.function`, no strategy, the whole
-update batch at once, each task gradient by its own backward pass.
+a step works") and sharing no code with `mtl/step/` (the compiled update): eager, one device,
+float32, no `tf.function`, no strategy, the whole update batch at once, each task gradient by
+its own backward pass.
 
     weights = reference_updates(model, tasks, method, optimizer, update_batches, ...)
 

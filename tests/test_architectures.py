@@ -8,7 +8,8 @@ import pytest
 import tensorflow as tf
 
 import mtl
-from mtl import architectures, model_record
+from mtl import architectures
+from mtl.training import model_record
 
 SHAPE = (8, 16, 1)
 CNN = {"filters": (4, 8), "dense": 16}

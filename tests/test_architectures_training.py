@@ -13,8 +13,9 @@ import tensorflow as tf
 
 import experiment_scripts
 import mtl
-from mtl import architectures, experiment, export, flags, model_record, runs
+from mtl import architectures, experiment, export, flags, runs
 from mtl.step import shared_variables
+from mtl.training import model_record
 
 # Small experts: the point is the wiring, not the accuracy.
 SMALL = {"filters": (4,), "dense": 8}

@@ -1,5 +1,6 @@
-"""mtl.comparison (selection, statistics over seeds, the report) and scripts/compare.py: its
-errors before any run, and the protocol end to end on a tiny experiment."""
+"""mtl.evidence.comparison (selection, statistics over seeds, the report) and
+scripts/compare.py: its errors before any run, and the protocol end to end on a tiny
+experiment."""
 
 import contextlib
 import importlib.util

@@ -12,8 +12,9 @@ import pytest
 
 import mtl
 import small_runs
-from mtl import export, model_record, runs
+from mtl import export, runs
 from mtl.data import multi_digits
+from mtl.training import model_record
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = ["left", "right", "sum"]

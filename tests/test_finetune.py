@@ -48,7 +48,7 @@ def test_frozen_backbone_keeps_weights_and_batchnorm_statistics():
 
 def test_unfreezing_at_step_k_trains_exactly_the_top_layers_from_k():
     model = _model()
-    layers = mtl.finetune.weighted_layers(model.backbone)
+    layers = mtl.training.finetune.weighted_layers(model.backbone)
     top = layers[-2:]  # the last BatchNorm + the features Dense, say
     trainer = mtl.Trainer(model, _tasks(), optimizer=keras.optimizers.Adam(0.01),
                           steps_per_loop=4,

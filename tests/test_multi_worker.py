@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mtl import experiment, input_state
+from mtl import experiment
 from mtl.config import Config, UsageError
+from mtl.training import input_state
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)

@@ -42,9 +42,12 @@ def _finish(process: subprocess.Popen) -> None:
 
 
 def _variables(checkpoint: str) -> dict:
+    """Every tensor of a checkpoint but the input pipeline's state (a variant, with no numpy
+    form: the resumed run's input position shows in the weights it trained on)."""
     reader = tf.train.load_checkpoint(checkpoint)
-    return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()
-            if name != "_CHECKPOINTABLE_OBJECT_GRAPH"}
+    return {name: reader.get_tensor(name)
+            for name, dtype in reader.get_variable_to_dtype_map().items()
+            if dtype != tf.variant and name != "_CHECKPOINTABLE_OBJECT_GRAPH"}
 
 
 def _json(folder: str, name: str) -> dict:

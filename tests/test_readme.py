@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from mtl import flags
+from mtl import flags, weighting
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -156,3 +156,13 @@ def test_the_flag_table_is_the_one_generated_from_the_settings():
         text = section(f.read(), "Experiments and flags")
     start = text.index("| flag | default | meaning |")
     assert text[start:text.index("\n\n", start)] == flags.flag_table()
+
+
+def test_task_balancing_names_every_method_with_its_family():
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        text = section(f.read(), "Task balancing")
+    loss_part, gradient_part = text.split("Gradient-based:", 1)
+    gradient_part = gradient_part.split("The heads", 1)[0]
+    for name, cls in weighting.METHODS.items():
+        part = loss_part if cls.consumes == weighting.LOSSES else gradient_part
+        assert f"`{name}`" in part, name

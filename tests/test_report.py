@@ -1,4 +1,4 @@
-"""mtl.report, scripts/report.py and scripts/run_baselines.py."""
+"""mtl.evidence.report, scripts/report.py and scripts/run_baselines.py."""
 
 import json
 import os

@@ -1,4 +1,4 @@
-"""mtl.stats against textbook values and scipy's own tests."""
+"""mtl.evidence.stats against textbook values and scipy's own tests."""
 
 import math
 

@@ -1,4 +1,5 @@
-"""mtl.sweep: which GPUs runs get, running N at once, which runs are complete, flag checks."""
+"""mtl.evidence.sweep: which GPUs runs get, running N at once, which runs are complete, flag
+checks."""
 
 import json
 import os

@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 import mtl
-from mtl import validation
+from mtl.training import validation
 
 CE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 BCE = keras.losses.BinaryCrossentropy(from_logits=True)
@@ -299,7 +299,7 @@ class _TwoReplicas:
 def test_keras_clipping_is_refused_under_several_replicas_with_the_fix(setting):
     """Keras clips each replica's part of the gradient before the sum (inside
     `apply_gradients`, before the cross-replica sum)."""
-    from mtl.trainer import _check_optimizer_clipping
+    from mtl.training.validation import check_optimizer_clipping as _check_optimizer_clipping
     optimizer = keras.optimizers.SGD(0.1, **{setting: 1.0})
     with pytest.raises(mtl.UsageError, match=rf"{setting}=1.0.*2 replicas.*clip_norm"):
         _check_optimizer_clipping(optimizer, _TwoReplicas())

@@ -19,7 +19,7 @@ options; it returns a `MultiTaskModel`. All but `hps` are built with
 outputs depend on them (`mtl.sharing_report`), and `model.architecture` is the
 `ArchitectureSpec`, whose `no_rep_reason` says why gradient_mode="rep" (the Gramian w.r.t. one
 shared representation) is not defined for it. `model.architecture_args` is the builder's call,
-every option included, and `model.architecture_heads` its heads: what `mtl.model_record`
+every option included, and `model.architecture_heads` its heads: what `mtl.training.model_record`
 records to rebuild the model.
 
 Layer names are deterministic (`expert_0`, `gate_left`, `left_cross_stitch_1`, ...), so

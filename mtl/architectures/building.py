@@ -61,8 +61,8 @@ def soft_sharing_builder(wire: Callable[..., Wiring]) -> Callable[..., MultiTask
     task's features and returns the `MultiTaskModel.from_outputs` of the result.
 
     The model keeps, as `architecture_args`, the call (every option, defaults included) and, as
-    `architecture_heads`, the heads: what `mtl.model_record` records to rebuild the very same
-    graph, however the builder was called (directly or through `build`). The builder has
+    `architecture_heads`, the heads: what `mtl.training.model_record` records to rebuild the
+    very same graph, however the builder was called (directly or through `build`). The builder has
     `wire`'s name, docstring and signature, and returns a `MultiTaskModel`.
     """
     signature = inspect.signature(wire)

@@ -3,7 +3,7 @@
 Two ways, both producing batches in the one format the train step reads,
 `(features, {every task: label}, {every task: sample_weight})`, where an example carries a
 weight of 1 for the task whose dataset it came from and 0 (label zeros) for every other task.
-The step averages each task's loss over the examples that carry its label (`mtl.task_losses`),
+The step averages each task's loss over the examples that carry its label (`mtl.step.task_losses`),
 so a task absent from a batch contributes 0.
 
 1. Mixture batches, `mix(...)`: every batch mixes examples of all tasks, each drawn from task

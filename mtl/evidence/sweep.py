@@ -24,11 +24,11 @@ import sys
 import time
 from typing import Callable, Mapping, Sequence
 
-from mtl import run_record
 from mtl import runs as runs_lib
 from mtl.config import Config
 from mtl.errors import UsageError
 from mtl.evidence.timing import record_time
+from mtl.training import run_record
 
 
 @dataclasses.dataclass(frozen=True)

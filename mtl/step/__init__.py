@@ -25,7 +25,7 @@ and the non-finite policy in `update_policy.UpdatePolicy`; freezing in `parts.Fo
 optimizers in `apply.OptimizerApply`. What an update reports besides its gradients is
 `parts.UpdateStats`, read by name. Only `mtl.step` builds `tf.function`s (`train_step.TrainStep`
 and, under `jit_compile`, the sources' forward and backward pass); everything with Python side
-effects lives in `mtl.trainer`.
+effects lives in `mtl.training.trainer`.
 
 Modules: `train_step` (TrainStep), `apply` (OptimizerApply), `plan` (checks, granularity,
 Jacobian scope, the choice of source), `source` (what the sources share), `weighted` and

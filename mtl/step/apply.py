@@ -10,9 +10,9 @@ import tensorflow as tf
 
 class OptimizerApply:
     """Applies one update's gradients (replica context), one `apply_gradients` per optimizer
-    group (`mtl.finetune.optimizer_groups`): each variable goes to the optimizer of its group;
-    the user's optimizer ("optimizer") is applied last, after the groups whose learning-rate
-    schedule follows its step."""
+    group (`mtl.training.finetune.optimizer_groups`): each variable goes to the optimizer of
+    its group; the user's optimizer ("optimizer") is applied last, after the groups whose
+    learning-rate schedule follows its step."""
 
     def __init__(self, groups: dict, clip_norm: float | None = None, unclipped=()):
         self.groups = [(optimizer, {id(v) for v in variables})

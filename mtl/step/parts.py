@@ -15,6 +15,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from mtl.model import seed_states
 from mtl.tasks import Task
 
 
@@ -191,16 +192,6 @@ def unique_variables(variables) -> list:
             seen.add(id(v))
             unique.append(v)
     return unique
-
-
-def seed_states(model: keras.Model) -> list:
-    """The RNG state variables of the model's Dropout-like layers (their `SeedGenerator`s),
-    which checkpointing the model does not reach."""
-    states = []
-    for layer in model._flatten_layers(include_self=True, recursive=True):
-        for generator in getattr(layer, "_seed_generators", ()) or ():
-            states.append(generator.state)
-    return unique_variables(states)
 
 
 def layer_state(model: keras.Model) -> list:

@@ -47,14 +47,14 @@ def per_example_task_loss(task: Task, label: tf.Tensor, output: tf.Tensor) -> tf
 
     A sparse task's class ids must lie in [0, num_classes) (num_classes: the output's last
     axis), or equal the loss's `ignore_class`. The values of the first batch are checked before
-    training (`mtl.validation.check_first_batch`); an id that comes later would make TensorFlow's
-    sparse cross-entropy fail on CPU with a bare `InvalidArgumentError` naming no task (on GPU
-    it gives NaN). Here such an id is read as class 0 and that example's loss set to NaN, so
-    the task's loss is NaN and the step's non-finite guard acts as on any non-finite loss: the
-    update is not applied and `Trainer.fit` stops with "non-finite loss in task(s) [<task>]"
-    (with `on_nonfinite="skip"`, the update is dropped and counted instead). This costs a few
-    element-wise ops on the labels: no assert op, no host round trip, and it works the same
-    under XLA (which drops assert ops) and on every device. Call it with the label of
+    training (`mtl.training.validation.check_first_batch`); an id that comes later would make
+    TensorFlow's sparse cross-entropy fail on CPU with a bare `InvalidArgumentError` naming no
+    task (on GPU it gives NaN). Here such an id is read as class 0 and that example's loss set
+    to NaN, so the task's loss is NaN and the step's non-finite guard acts as on any non-finite
+    loss: the update is not applied and `Trainer.fit` stops with "non-finite loss in task(s)
+    [<task>]" (with `on_nonfinite="skip"`, the update is dropped and counted instead). This
+    costs a few element-wise ops on the labels: no assert op, no host round trip, and it works
+    the same under XLA (which drops assert ops) and on every device. Call it with the label of
     `task_label_and_weight`, whose unlabelled examples (weight 0) hold 0: a placeholder such as
     -1 there is never read.
     """

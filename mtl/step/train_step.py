@@ -2,7 +2,7 @@
 gradient source (`mtl.step.plan.gradient_source`), the update policy
 (`mtl.step.update_policy.UpdatePolicy`) and the optimizers (`mtl.step.apply.OptimizerApply`);
 with the eval step and the conflict diagnostics. Only `mtl.step` builds `tf.function`s;
-everything with Python side effects lives in `mtl.trainer`.
+everything with Python side effects lives in `mtl.training.trainer`.
 """
 
 from __future__ import annotations

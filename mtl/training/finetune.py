@@ -24,7 +24,7 @@ from __future__ import annotations
 import keras
 
 from mtl.errors import UsageError
-from mtl.options import FineTuning  # noqa: F401 (FineTuning: defined with the settings)
+from mtl.options import FineTuning
 
 
 def weighted_layers(backbone: keras.Model) -> list:
@@ -36,6 +36,20 @@ def weighted_layers(backbone: keras.Model) -> list:
         if layer.weights:
             layers.append(layer)
     return layers
+
+
+def freeze(model: keras.Model, fine_tuning: FineTuning) -> list:
+    """Applies `fine_tuning.freeze_backbone` to `model`'s backbone; returns the layers to
+    unfreeze at `unfreeze_at_step` ([] when none)."""
+    backbone = getattr(model, "backbone", None)
+    if fine_tuning.active and backbone is None:
+        raise UsageError("fine_tuning needs a MultiTaskModel built from a backbone and heads.")
+    if not fine_tuning.freeze_backbone:
+        return []
+    backbone.trainable = False  # Frozen layers run in inference mode (BatchNorm too).
+    if fine_tuning.unfreeze_at_step is None:
+        return []
+    return layers_to_unfreeze(backbone, fine_tuning.unfreeze_top_layers)
 
 
 def layers_to_unfreeze(backbone: keras.Model, top: int | None) -> list:

@@ -1,11 +1,15 @@
 """A run remembers what it is: the settings that shaped its state, checked on every resume.
 
-A run folder records, when it starts:
+A run folder records, when it starts, the settings checked on every resume:
   * `config.json` (experiment scripts): the experiment's name and every `Config` field;
-  * `trainer.json` (every `Trainer` with a `model_dir`, the Python API included): the tasks,
-    the weighting method and its options, the optimizer's configuration (learning rate or
-    schedule included), the precision policy, the micro-batches per update, the gradient mode
-    and the fine-tuning settings.
+  * `trainer.json` (every `Trainer` with a `model_dir`, the Python API included;
+    `trainer_record`): the tasks, the weighting method and its options, the optimizer's
+    configuration (learning rate or schedule included), the precision policy and every
+    `TrainerOptions` setting that shapes the run's state (`mtl.options.TRAINER_RECORD` names
+    each entry).
+It also holds `model.json` (the architecture it is rebuilt from: `mtl.training.model_record`)
+and `model_signature.json` (the weights' shapes a checkpoint must fit:
+`mtl.training.checkpoints`), which are not settings.
 
 A resumed run compares what it is given with the record before anything is loaded. A setting
 that shapes the run's state or the meaning of its results may only change when the user says so
@@ -23,10 +27,13 @@ import os
 from typing import Iterable
 
 import tensorflow as tf
+from absl import logging
 
+from mtl import options as options_lib
 from mtl.errors import UsageError
 
 HISTORY_FILE = "config_history.json"
+TRAINER_FILE = "trainer.json"
 
 
 def normalise(value):
@@ -104,3 +111,38 @@ def append_history(model_dir: str, source: str, changes: dict, step: int) -> Non
 
 def _show(value) -> str:
     return "unset" if value is None else json.dumps(value, default=str)
+
+
+# ------------------------------------------------------------------------------ trainer.json
+def trainer_record(*, tasks, weighting, optimizer, model, options) -> dict:
+    """What shapes a `Trainer`'s state and results: its `trainer.json`."""
+    config = {k: v for k, v in optimizer.get_config().items() if k != "name"}
+    policy = getattr(model, "dtype_policy", None)
+    return {
+        "tasks": [[t.name, t.weight] for t in tasks],
+        "weighting": {"name": weighting.name,
+                      "options": {k: getattr(weighting, k) for k in weighting.options()
+                                  if hasattr(weighting, k)}},
+        "optimizer": {"class": type(optimizer).__name__, **config},
+        "precision": getattr(policy, "name", str(policy)),
+        # Every state-shaping setting, as its field records it.
+        **options_lib.record_entries(options),
+    }
+
+
+def check_trainer_record(model_dir: str, record: dict, *, allowed: Iterable[str]) -> dict:
+    """Refuses, before anything is loaded, to resume the run in `model_dir` with a `record`
+    other than its `trainer.json` (unless `allowed` names the changes); returns the allowed
+    changes, each logged as a warning."""
+    changes = check(read(os.path.join(model_dir, TRAINER_FILE)), record, free=(),
+                    allowed=allowed, where=model_dir, option="allow_config_change")
+    for name, (old, new) in changes.items():
+        logging.warning("Resuming %s with %s changed (allowed): %s -> %s.", model_dir, name,
+                        old, new)
+    return changes
+
+
+def write_trainer_record(model_dir: str, record: dict, changes: dict, step: int) -> None:
+    """Writes `trainer.json` (once) and appends a resume's `changes` to its history."""
+    write_once(os.path.join(model_dir, TRAINER_FILE), record)
+    append_history(model_dir, TRAINER_FILE, changes, step)

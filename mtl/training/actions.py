@@ -3,7 +3,8 @@
 `Trainer.fit` runs the compiled step up to the nearest boundary any action asks for, then lets
 every action act (Orbit's controller-plus-actions shape). An action says when it wants the loop
 to stop (`next_boundary`) and what it does before a loop and after one. Adding a periodic action
-is one class here and one line where `Trainer._actions` lists them.
+is one class here and one line where the `Trainer` lists them. The actions: `TrainLog`,
+`Evaluate`, `Diagnose`, `Save`, `Unfreeze`; `Summaries` writes their TensorBoard scalars.
 """
 
 from __future__ import annotations
@@ -79,9 +80,14 @@ class TrainLog(Action):
     """Means of the task losses and metrics over each interval of `every` steps (applied
     updates only), into the history, TensorBoard and the progress bar."""
 
-    def __init__(self, every: int, *, trainer, history, summaries: Summaries, bar):
+    def __init__(self, every: int, *, tasks, train_metrics: dict, optimizer, skipped_steps,
+                 loss_scale, history, summaries: Summaries, bar):
         self.every = every
-        self.trainer = trainer
+        self.tasks = tasks
+        self.train_metrics = train_metrics  # {task: [metric]}, reset after each record
+        self.optimizer = optimizer          # its learning rate is logged
+        self.skipped_steps = skipped_steps  # tf.Variable: updates dropped as non-finite
+        self.loss_scale = loss_scale        # float16's LossScale, or None
         self.history = history
         self.summaries = summaries
         self.bar = bar
@@ -102,8 +108,7 @@ class TrainLog(Action):
         self.examples += loop.examples
         means = self.means()
         self.bar.update(loop.steps_run)
-        self.bar.set_postfix({t.name: f"{v:.4g}" for t, v in zip(self.trainer.tasks,
-                                                                  means.task_losses)},
+        self.bar.set_postfix({t.name: f"{v:.4g}" for t, v in zip(self.tasks, means.task_losses)},
                              refresh=False)
         if self.due(step, final):
             self.history.train.append(self._record(step, means))
@@ -114,8 +119,7 @@ class TrainLog(Action):
         return self.sums.mean(self.applied)
 
     def _record(self, step: int, means: UpdateStats) -> dict:
-        trainer = self.trainer
-        tasks = trainer.tasks
+        tasks = self.tasks
         weights = np.array([t.weight for t in tasks])
         # The same objective for every method: sum_t Task.weight * L_t + regularisation.
         total = float(np.sum(weights * means.task_losses) + means.regularisation)
@@ -123,13 +127,13 @@ class TrainLog(Action):
         record = {"step": step, "loss": total}
         for task, loss in zip(tasks, means.task_losses):
             record[f"{task.name}/loss"] = float(loss)
-            for metric in trainer.train_metrics[task.name]:
+            for metric in self.train_metrics[task.name]:
                 record[f"{task.name}/{metric.name}"] = float(metric.result())
                 metric.reset_state()
-        record["learning_rate"] = learning_rate(trainer.optimizer)
-        record["skipped_steps"] = int(trainer.skipped_steps.numpy())
-        if trainer.loss_scale is not None:
-            record["loss_scale"] = float(trainer.loss_scale.scale.numpy())
+        record["learning_rate"] = learning_rate(self.optimizer)
+        record["skipped_steps"] = int(self.skipped_steps.numpy())
+        if self.loss_scale is not None:
+            record["loss_scale"] = float(self.loss_scale.scale.numpy())
         record["examples_per_sec"] = self.examples / elapsed
         record["steps_per_sec"] = self.steps / elapsed
         self.summaries.write("train", step, {"loss/total" if k == "loss" else k: v

@@ -17,9 +17,10 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from mtl import architectures, run_record
+from mtl import architectures
 from mtl.errors import UsageError
 from mtl.model import MultiTaskModel
+from mtl.training import run_record
 
 try:  # Marks layer objects shared between the recorded parts (Keras's own sharing scope).
     from keras.src.saving.serialization_lib import ObjectSharingScope

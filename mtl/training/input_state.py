@@ -12,7 +12,8 @@ Three ways a run goes on, one rule each:
     `fit(data, 8)` does;
   * a different data object: it is read from its start.
 
-With a task schedule, `data` is `{task: dataset}` and each task has its own iterator.
+With a task schedule, `data` is `{task: dataset}` and each task has its own iterator, and
+`next_run` says which iterator the next compiled call reads and for how many steps.
 """
 
 from __future__ import annotations
@@ -141,6 +142,20 @@ class InputState:
                 data = lambda context: make(context).skip(  # noqa: E731
                     skip * local_replicas(context))
         return iter(distribute(self.strategy, data))
+
+
+def next_run(iterators, task_schedule, step: int, n: int, steps_per_loop: int):
+    """The iterator and number of steps of the next compiled call from `step`: at most `n` and
+    `steps_per_loop`; with a task schedule (`iterators` is `{task: iterator}`), up to the next
+    change of task, on that task's iterator."""
+    n = min(steps_per_loop, n)
+    if task_schedule is None:
+        return iterators, n
+    drawn = np.asarray(task_schedule.task_indices(step, n))
+    changes = np.nonzero(drawn != drawn[0])[0]
+    if changes.size:
+        n = int(changes[0])
+    return iterators[task_schedule.tasks[int(drawn[0])]], n
 
 
 def local_replicas(context: tf.distribute.InputContext) -> int:

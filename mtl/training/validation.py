@@ -1,9 +1,12 @@
 """Checks that run before any graph is built, with errors that say what was given and expected.
 
-Two stages: `check_data` reads a dataset's element spec (structure, shapes, dtypes, and the
-loss against its head); `check_first_batch` reads the values of one batch from an iterator of
-its own (never the one training reads): class ids, binary labels, finite targets, sample
-weights, and whether the dataset yields anything at all.
+`check_fit` checks what `Trainer.fit` is given (steps, cadences, the task schedule) and lists the
+data to check; `check_input` checks one data object: `check_data` reads a dataset's element
+spec (structure, shapes, dtypes, and the loss against its head), `check_first_batch` reads the
+values of one batch from an iterator of its own (never the one training reads): class ids,
+binary labels, finite targets, sample weights, and whether the dataset yields anything at all.
+`check_tasks` (with `check_tasks_match_heads`), `check_built_in_scope` and
+`check_optimizer_clipping` check what the `Trainer` is built from.
 """
 
 from __future__ import annotations
@@ -15,8 +18,28 @@ import numpy as np
 import tensorflow as tf
 
 from mtl import heads as heads_lib
-from mtl.errors import UsageError
+from mtl.errors import UsageError, UsageTypeError, check_int
+from mtl.model import input_structure
 from mtl.tasks import Task, keras_loss_function
+from mtl.training.input_state import input_context
+
+
+# -------------------------------------------------------------- what the Trainer is built from
+def check_tasks(tasks: Sequence[Task], model) -> list[Task]:
+    """Checks that `tasks` are `mtl.Task` objects, one per head of `model` (its `task_names`,
+    or the keys of its dict outputs); returns them in the model's head order."""
+    tasks = list(tasks)
+    for task in tasks:
+        if not isinstance(task, Task):
+            raise UsageTypeError(f"tasks must be mtl.Task objects; got {task!r}.")
+    task_names = getattr(model, "task_names", None)
+    if task_names is None:
+        outputs = getattr(model, "output", None)
+        # Not a dict: check_tasks_match_heads says what is expected, with the output shapes.
+        task_names = list(outputs) if isinstance(outputs, dict) else list(model.outputs)
+    check_tasks_match_heads(tasks, task_names)
+    by_name = {t.name: t for t in tasks}
+    return [by_name[name] for name in task_names]
 
 
 def check_tasks_match_heads(tasks: Sequence[Task], task_names: Sequence[str]) -> None:
@@ -42,6 +65,101 @@ def check_tasks_match_heads(tasks: Sequence[Task], task_names: Sequence[str]) ->
                              "with only the heads you train).")
 
 
+def check_built_in_scope(strategy: tf.distribute.Strategy, model, optimizer) -> None:
+    """The model's and the optimizer's variables must belong to the trainer's strategy."""
+    extended = strategy.extended
+    name = type(strategy).__name__
+    for what, variable in (("model", next(iter(model.variables), None)),
+                           ("optimizer", getattr(optimizer, "iterations", None))):
+        if variable is None:
+            continue
+        if not extended.variable_created_in_scope(getattr(variable, "value", variable)):
+            raise UsageError(
+                f"The {what} was created outside the scope of the trainer's strategy ({name}); "
+                "create the model, the optimizer and the Trainer inside "
+                "`with strategy.scope():`.")
+
+
+def check_optimizer_clipping(optimizer, strategy) -> None:
+    """Keras 3 clips inside `apply_gradients`, on each replica's part of the gradient before the
+    cross-replica sum: under several replicas that is not the clipping one device does. Refused
+    there, pointing to the trainer's own `clip_norm`."""
+    if strategy.num_replicas_in_sync == 1:
+        return
+    for name in ("clipnorm", "global_clipnorm", "clipvalue"):
+        value = getattr(optimizer, name, None)
+        if value:
+            raise UsageError(
+                f"The optimizer has {name}={value}; under {type(strategy).__name__} with "
+                f"{strategy.num_replicas_in_sync} replicas Keras would clip each replica's part "
+                "of the gradient before the sum, not the gradient. Leave it unset; the "
+                "Trainer's clip_norm (--clip_norm) clips the global norm of the whole update's "
+                "gradient.")
+
+
+# ------------------------------------------------------------------------ what fit is given
+def check_fit(data, steps, *, eval_every, eval_steps, task_schedule, eval_data,
+              validation_data) -> list[tuple[object, str]]:
+    """Checks `fit`'s arguments before anything trains; returns `(data, where)` for each data
+    object to check with `check_input`, in order (train data, eval data, validation data)."""
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+        raise UsageError(f"steps must be an int >= 0 (the global step to train to); got "
+                         f"{steps!r}.")
+    if eval_every is not None and (not isinstance(eval_every, int) or eval_every < 1):
+        raise UsageError(f"eval_every must be None or an int >= 1; got {eval_every!r}.")
+    check_int("eval_steps", eval_steps, 1, optional=True)
+    if isinstance(data, dict):
+        if task_schedule is None:
+            raise UsageError("fit: data is a dict of per-task datasets; pass task_schedule= "
+                             "(mtl.data.mixing.task_schedule) to say which task trains when.")
+        names = list(getattr(task_schedule, "tasks", data))
+        if sorted(data) != sorted(names):
+            raise UsageError(f"fit: the per-task datasets are for tasks {sorted(data)}, but "
+                             f"the task schedule draws from {sorted(names)}.")
+        inputs = [(dataset, f"train data of task {task!r}") for task, dataset in data.items()]
+    else:
+        if task_schedule is not None:
+            raise UsageError("fit: task_schedule needs data as {task: dataset}.")
+        inputs = [(data, "train data")]
+    if eval_data is not None:
+        inputs.append((eval_data, "eval data"))
+    if validation_data is not None:
+        inputs.append((validation_data, "validation data"))
+    return inputs
+
+
+def check_input(data, where: str, *, strategy: tf.distribute.Strategy, tasks: Sequence[Task],
+                model, checked: list) -> None:
+    """Checks structure, shapes, batch split and the first batch's label values of `data` (a
+    dataset of global batches or a function `(InputContext) -> dataset`) before any graph is
+    built. `checked` holds the data objects whose first batch was read already (by identity);
+    `data` is added to it."""
+    replicas = strategy.num_replicas_in_sync
+    if isinstance(data, tf.data.Dataset):
+        dataset = data
+        spec = data.element_spec
+        batch = tf.nest.flatten(spec)[0].shape[0] if isinstance(spec, tuple) else None
+        if batch is not None and batch % replicas:
+            raise UsageError(
+                f"{where}: the global batch size {batch} cannot be split evenly over "
+                f"{replicas} replicas; use a multiple of {replicas}.")
+    elif callable(data):
+        # This worker's own context: under several workers a function that reads a part
+        # of the data (`--input_sharding=shard`) is checked on that part, not the whole.
+        dataset = data(input_context(strategy))
+        spec = dataset.element_spec
+    else:
+        raise UsageTypeError(f"{where} must be a tf.data.Dataset or a function (InputContext) -> "
+                             f"tf.data.Dataset; got {type(data).__name__}.")
+    check_data(spec, tasks, model, where=where)
+    if any(data is seen for seen in checked):
+        return  # Its first batch was read already (a later fit, another evaluation).
+    # Its own iterator: the stream `fit` trains on is not touched.
+    check_first_batch(dataset, tasks, model, where=where)
+    checked.append(data)
+
+
+# ------------------------------------------------------------------------- a dataset's spec
 def _shape(spec) -> tf.TensorShape:
     return tf.TensorShape(spec.shape)
 
@@ -81,8 +199,6 @@ def check_data(element_spec, tasks: Sequence[Task], model, where: str = "data") 
 
 
 def _check_features(features, model, where: str) -> None:
-    from mtl.model import input_structure
-
     expected = input_structure(model)
     try:
         tf.nest.assert_same_structure(features, expected, check_types=False)

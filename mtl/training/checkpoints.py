@@ -1,10 +1,15 @@
-"""Checkpoint safety: writability, integrity, and refusing another model's checkpoint.
+"""Checkpoints: what goes into a run's checkpoint, saving and restoring it safely, and the one
+search of a checkpoint folder (with its fallback to an older checkpoint).
 
 `Trainer` saves with `tf.train.CheckpointManager` (write to a temporary name, then rename: a crash
 mid-write leaves the previous checkpoint the latest). Before restoring, every tensor of a
 checkpoint is read (`read_all`), so a truncated file is found before anything is assigned, and
 `model_signature.json` (task names and the shapes of all the model's weights) is compared
 (`check_signature`), so a run folder of another model is refused instead of half-loaded.
+`checkpoint_candidates` (newest first: the index's entries and every `<prefix>-<N>.index` of the
+folder) and `first_readable` (the newest candidate whose every tensor reads back, with a warning
+for each one skipped) are the search that resuming a run and reading a run folder
+(`mtl.runs.restore_model`) both use.
 """
 
 from __future__ import annotations
@@ -18,8 +23,8 @@ import tempfile
 import tensorflow as tf
 from absl import logging
 
-from mtl import run_record
 from mtl.errors import UsageError
+from mtl.training import run_record
 
 
 class CheckpointWriteError(OSError):
@@ -60,14 +65,63 @@ def read_all(path: str) -> None:
             reader.get_tensor(name)
 
 
-def _numbered_checkpoints(directory: str) -> list[tuple[int, str]]:
-    """(number, prefix) of every `ckpt-N` in `directory` whose index and data files exist."""
-    found = []
-    for name in tf.io.gfile.listdir(directory) if tf.io.gfile.isdir(directory) else []:
-        match = re.fullmatch(r"(ckpt-(\d+))\.index", name)
-        if match and tf.io.gfile.glob(os.path.join(directory, match.group(1) + ".data-*")):
-            found.append((int(match.group(2)), os.path.join(directory, match.group(1))))
-    return found
+def _indexed_checkpoints(directory: str) -> list[str]:
+    """The checkpoints the folder's index (`checkpoint`) lists ([] when it is missing or
+    unreadable)."""
+    try:
+        state = tf.train.get_checkpoint_state(directory)
+    except Exception:  # noqa: BLE001 — an unreadable index: the folder scan still works.
+        state = None
+    if state is None:
+        return []
+    return [path if os.path.isabs(path) else os.path.join(directory, path)
+            for path in state.all_model_checkpoint_paths]
+
+
+def _number(path: str) -> int:
+    match = re.search(r"-(\d+)$", path)
+    return int(match.group(1)) if match else -1
+
+
+def checkpoint_candidates(directory: str) -> list[str]:
+    """The checkpoints of `directory`, newest first (by their number): those the `checkpoint`
+    index lists and every `<prefix>-<N>.index` found in the folder (the index may be stale,
+    missing or unreadable)."""
+    found = [os.path.normpath(path) for path in _indexed_checkpoints(directory)]
+    if tf.io.gfile.isdir(directory):
+        for index in tf.io.gfile.glob(os.path.join(directory, "*.index")):
+            if re.fullmatch(r".+-\d+\.index", os.path.basename(index)):
+                found.append(os.path.normpath(index[:-len(".index")]))
+    paths = list(dict.fromkeys(found))
+    return sorted(paths, key=lambda p: (_number(p), p), reverse=True)
+
+
+def first_readable(candidates) -> tuple[str | None, list[str]]:
+    """The first of `candidates` (newest first) whose every tensor can be read, and what is
+    wrong with each one before it (`"<path>: <error>"`); None when none can be read. Each one
+    skipped is logged as a warning, and so is the fallback to an older checkpoint."""
+    problems = []
+    for path in candidates:
+        try:
+            read_all(path)
+        except (tf.errors.OpError, ValueError, OSError, IndexError, RuntimeError) as e:
+            problem = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            problems.append(f"{path}: {problem}")
+            logging.warning("Checkpoint %s is unreadable (%s); trying the previous one.",
+                            path, problem)
+            continue
+        if problems:
+            logging.warning("Using %s because newer checkpoints are unreadable: %s", path,
+                            "; ".join(problems))
+        return path, problems
+    return None, problems
+
+
+def checkpoint_step(path: str) -> int | None:
+    """The global step saved in a Trainer checkpoint (None if it holds none)."""
+    reader = tf.train.load_checkpoint(path)
+    key = "step/.ATTRIBUTES/VARIABLE_VALUE"
+    return int(reader.get_tensor(key)) if reader.has_tensor(key) else None
 
 
 def has_input(path: str) -> bool:
@@ -75,6 +129,13 @@ def has_input(path: str) -> bool:
 
 
 SIGNATURE_FILE = "model_signature.json"
+
+
+def model_signature(tasks, model) -> dict:
+    """What `model_signature.json` holds: the task names and every weight's path and shape
+    (all the model's weights, trainable or not, so that freezing does not change it)."""
+    return {"tasks": [t.name for t in tasks],
+            "variables": [[v.path, list(v.shape)] for v in model.weights]}
 
 
 def write_signature(directory: str, signature: dict) -> None:
@@ -110,9 +171,10 @@ def check_signature(directory: str, signature: dict) -> None:
 class Checkpointer:
     """What goes into a run's checkpoint, and saving and restoring it safely.
 
-    `objects` are the trackables saved (model, optimizers, step, method state, RNG states, ...);
-    `track` adds one later (the input iterators, once `fit` creates them). Only the chief writes
-    to `model_dir`; under multi-worker training the other workers take part in every save by
+    `objects` are the trackables saved (`Trainer`: the optimizers, the per-group weighting
+    methods, the model, the step, the weighting method, the skipped-step count, the RNG states
+    and float16's loss scale); `track` adds one later (the input iterators, once `fit` creates
+    them). Only the chief writes to `model_dir`; under multi-worker training the other workers take part in every save by
     writing to a temporary folder that is removed right after (the `tf.distribute` pattern).
     """
 
@@ -123,12 +185,14 @@ class Checkpointer:
         self.is_chief = is_chief
         #: The checkpoint the run was restored from (None: a fresh run).
         self.restored_path = None
+        self._max_to_keep = max_to_keep
         self._manager = None
         if model_dir:
             if is_chief:
                 check_writable(model_dir)
             self._manager = tf.train.CheckpointManager(
-                self.checkpoint, os.path.join(model_dir, "checkpoints"), max_to_keep=max_to_keep)
+                self.checkpoint, os.path.join(model_dir, "checkpoints"),
+                max_to_keep=self._max_to_keep)
 
     @property
     def enabled(self) -> bool:
@@ -177,11 +241,12 @@ class Checkpointer:
 
         Every tensor of a checkpoint is read before anything is assigned, so a truncated or
         corrupt newest checkpoint is detected: the previous one is used instead, with a warning.
-        The index file (`checkpoint`) is metadata as precious as the data: when it is missing or
-        unreadable, the folder is scanned for complete checkpoints, newest first, and the index
-        is rewritten. A checkpoint of a different model (other tasks or variable shapes) is
-        refused before anything is loaded. `strict=False` restores what matches and leaves the
-        rest as it is (a resumed run whose configuration change was allowed).
+        The candidates are the index's entries and the numbered checkpoints found in the folder
+        (`checkpoint_candidates`): the index file (`checkpoint`) is metadata as precious as the
+        data, and when it is missing or unreadable it is rewritten from the folder. A
+        checkpoint of a different model (other tasks or variable shapes) is refused before
+        anything is loaded. `strict=False` restores what matches and leaves the rest as it is
+        (a resumed run whose configuration change was allowed).
         """
         if self._manager is None:
             return False
@@ -189,44 +254,35 @@ class Checkpointer:
         if not candidates:
             return False
         check_signature(self._manager.directory, self.signature)
-        problems = []
-        for path in candidates:
-            try:
-                read_all(path)
-            except (tf.errors.OpError, ValueError, OSError, IndexError, RuntimeError) as e:
-                problems.append(f"{path}: {type(e).__name__}: {str(e).splitlines()[0]}")
-                logging.warning("Checkpoint %s is unreadable (%s); trying the previous one.",
-                                path, type(e).__name__)
-                continue
-            status = self.checkpoint.restore(path).expect_partial()
-            if strict:
-                status.assert_existing_objects_matched()
-            self.restored_path = path
-            if problems:
-                logging.warning("Resumed from %s because newer checkpoints are unreadable: %s",
-                                path, "; ".join(problems))
-            logging.info("Restored %s.", path)
-            return True
-        raise CheckpointReadError(
-            f"No readable checkpoint in {self._manager.directory}: " + "; ".join(problems)
-            + ". Move the folder away to start afresh.")
+        path, problems = first_readable(candidates)
+        if path is None:
+            raise CheckpointReadError(
+                f"No readable checkpoint in {self._manager.directory}: " + "; ".join(problems)
+                + ". Move the folder away to start afresh.")
+        status = self.checkpoint.restore(path).expect_partial()
+        if strict:
+            status.assert_existing_objects_matched()
+        self.restored_path = path
+        logging.info("Restored %s.", path)
+        return True
 
     def _candidates(self) -> list[str]:
-        """The checkpoints to try, newest first: the index's, or (when the index is missing
-        or unreadable) the complete ones found in the folder, after rewriting the index."""
-        listed = list(reversed(self._manager.checkpoints))
+        """The checkpoints to try, newest first (`checkpoint_candidates`). When the index does
+        not list every one of them (missing, unreadable, or stale: a run stopped between
+        writing a checkpoint and updating the index), it is rewritten, so that `max_to_keep`
+        prunes every checkpoint of the folder."""
         directory = self._manager.directory
-        found = sorted(_numbered_checkpoints(directory), reverse=True)
-        if listed or not found:
-            return listed
-        paths = [path for _, path in found]
-        logging.warning("The checkpoint index %s is missing or unreadable; found %d complete "
+        paths = checkpoint_candidates(directory)
+        indexed = {os.path.normpath(p) for p in self._manager.checkpoints}
+        if not paths or set(paths) <= indexed:
+            return paths
+        logging.warning("The checkpoint index %s is missing, unreadable or stale; found %d "
                         "checkpoint(s) in the folder (newest: %s) and rewrote the index.",
                         os.path.join(directory, "checkpoint"), len(paths), paths[0])
         tf.compat.v1.train.update_checkpoint_state(
             directory, paths[0], all_model_checkpoint_paths=list(reversed(paths)))
         self._manager = tf.train.CheckpointManager(self.checkpoint, directory,
-                                                   max_to_keep=self._manager._max_to_keep)
+                                                   max_to_keep=self._max_to_keep)
         return paths
 
     def restore_input(self, iterators) -> bool:
