@@ -115,11 +115,11 @@ def config_from_flags(flag_values=None) -> Config:
     return Config(**settings)
 
 
-def config_from_argv(argv) -> Config:
-    """The `Config` a program would get from the command line `argv` (its first item the
-    program's name), parsed on a copy of the defined flags: the process's own flag values are
-    left untouched. A flag that does not exist or a value that is not allowed is a
-    `UsageError`, and so is an argument that is not a flag."""
+def parse_copy(argv):
+    """The command line `argv` (its first item the program's name) parsed into a copy of the
+    defined flags, which it returns: the process's own flag values are left untouched (pass the
+    copy to `config_from_flags`). A flag that does not exist, a value that does not parse or an
+    argument that is not a flag is a `UsageError`."""
     values = copy.deepcopy(flags.FLAGS)
     try:
         rest = values(list(argv))
@@ -127,7 +127,7 @@ def config_from_argv(argv) -> Config:
         raise UsageError(str(e)) from None
     if len(rest) > 1:
         raise UsageError(f"unexpected arguments {rest[1:]}; expected --name=value flags.")
-    return config_from_flags(values)
+    return values
 
 
 def flag_table(defaults: dict | None = None) -> str:

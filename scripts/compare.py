@@ -104,9 +104,10 @@ def experiment_config(name: str, experiments_dir: str, extra: Sequence[str]) -> 
     that loaded another experiment script first, its defaults stand where they differ."""
     runs_lib.load_experiment(name, experiments_dir)  # Defines the flags with its defaults.
     try:
-        return flags.config_from_argv([f"{name}.py", *extra])
+        values = flags.parse_copy([f"{name}.py", *extra])
     except UsageError as e:
         raise UsageError(f"flags after `--`: {e}") from None
+    return flags.config_from_flags(values)
 
 
 def plan(args, protocol: comparison.Protocol, config) -> list[tuple[sweep.Run, object]]:
