@@ -183,3 +183,73 @@ def test_a_single_task_with_a_gradient_method_trains_on_its_plain_gradient():
     for method in ("pcgrad", "mgda"):
         for got, want in zip(results[method], results["equal"]):
             np.testing.assert_array_equal(got, want)
+
+
+# --------------------------------------------------- layer state of a dropped update
+def _batch_norm_model():
+    """An mlp with BatchNormalization and Dropout: a forward pass in training mode moves the
+    moving statistics and the dropout RNG before the update is judged."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6,))
+    x = keras.layers.Dense(16, name="dense")(inputs)
+    x = keras.layers.BatchNormalization(name="batch_norm")(x)
+    x = keras.layers.Activation("relu")(x)
+    x = keras.layers.Dropout(0.3, seed=3, name="dropout")(x)
+    return mtl.MultiTaskModel(keras.Model(inputs, x),
+                              {"a": mtl.heads.classification(3), "b": mtl.heads.regression(1)})
+
+
+def _twin_models():
+    model, clean_model = _batch_norm_model(), _batch_norm_model()
+    for source, target in zip(model.weights, clean_model.weights):
+        target.assign(source)
+    return model, clean_model
+
+
+def _moving_statistics(model):
+    layer = model.backbone.get_layer("batch_norm")
+    return [layer.moving_mean.numpy(), layer.moving_variance.numpy()]
+
+
+def test_a_dropped_nan_batch_leaves_batch_norm_and_dropout_state_as_if_never_seen():
+    model, clean_model = _twin_models()
+    x, y = _arrays()
+    x = x.copy()
+    x[16:32] = np.nan  # batch 1: the forward pass would write NaN into the moving statistics
+    trainer = mtl.Trainer(model, _tasks(), optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
+                          weighting="equal", on_nonfinite="skip", steps_per_loop=4)
+    trainer.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(16), steps=4)
+    clean = mtl.Trainer(clean_model, _tasks(), optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
+                        weighting="equal", steps_per_loop=3)
+    clean.fit(_without({1}), steps=3)
+    assert int(trainer.skipped_steps.numpy()) == 1
+    assert all(np.all(np.isfinite(s)) for s in _moving_statistics(model))
+    # Bitwise: weights, moving statistics and the dropout RNG state of the run without the batch.
+    for got, want in zip(model.weights, clean_model.weights):
+        assert np.array_equal(got.numpy(), want.numpy()), got.path
+    clean_x = _arrays(seed=1)[0]
+    outputs, clean_outputs = model(clean_x, training=False), clean_model(clean_x, training=False)
+    for task in ("a", "b"):
+        assert np.all(np.isfinite(outputs[task].numpy()))
+        assert np.array_equal(outputs[task].numpy(), clean_outputs[task].numpy())
+
+
+def test_a_float16_overflow_leaves_batch_norm_statistics_and_weights_as_they_were(float16):
+    model = _batch_norm_model()
+    x, y = _arrays()
+    y["b"] = y["b"].copy()
+    y["b"][16:32] = 3e4  # batch 1 overflows float16 (see the tests above)
+    x[16:32] *= 50.0  # and its activations would move the moving statistics far
+    trainer = mtl.Trainer(model, _tasks(), optimizer=keras.optimizers.SGD(0.05),
+                          steps_per_loop=1)
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+    trainer.fit(data, steps=1)
+    before, skipped = _weights(model), int(trainer.skipped_steps.numpy())
+    seeds = [v.numpy() for v in mtl.model.seed_states(model)]
+    assert seeds  # the dropout RNG state is compared too
+    trainer.fit(data, steps=2)  # batch 1
+    assert int(trainer.skipped_steps.numpy()) == skipped + 1
+    for got, want in zip(_weights(model), before):
+        assert np.array_equal(got, want)
+    for got, want in zip(mtl.model.seed_states(model), seeds):
+        assert np.array_equal(got.numpy(), want)

@@ -13,8 +13,9 @@ Reference semantics (README "How a step works"). One update is K micro-batches o
      combined the task gradients; task-specific variables get their own task's gradient;
   4. frozen variables are not trained and a frozen backbone runs in inference mode;
   5. an update that is not applied (non-finite, float16 overflow) changes nothing: not the
-     weights, not the method's state, not the train metrics or logged means:
-     `update_policy`;
+     weights, not the method's state, not the layer state its forward pass moved (BatchNorm's
+     moving statistics, Dropout's RNG), not the train metrics or logged means: `update_policy`
+     judges, `train_step.TrainStep` restores;
   6. one `apply_gradients` per update (the backbone's own optimizer for its variables when it
      has a learning-rate multiplier): `apply.OptimizerApply`.
 

@@ -15,7 +15,7 @@ import tensorflow as tf
 from mtl.options import TrainerOptions
 from mtl.step import plan
 from mtl.step.apply import OptimizerApply
-from mtl.step.parts import UpdateStats, all_finite, layer_state
+from mtl.step.parts import UpdateStats, all_finite, layer_state, unique_variables
 from mtl.step.task_jacobian import flatten_gradients
 from mtl.step.task_losses import (compute_task_losses, local_normalisers, unpack_batch,
                                   update_metrics)
@@ -78,10 +78,16 @@ class TrainStep:
         self.policy = UpdatePolicy(options.on_nonfinite, loss_scale)
         self.apply_gradients = OptimizerApply(optimizer_groups, options.clip_norm,
                                               unclipped=weighting.trainable_variables)
-        # What a dropped update must leave as it was.
         self.method_state = list(weighting.non_trainable_variables) + [
             v for method in (group_methods or {}).values() for v in method.non_trainable_variables]
+        # What a forward pass in training mode advances: BatchNorm's moving statistics and the
+        # RNG state of Dropout-like layers.
         self.layer_state = layer_state(model)
+        # What a dropped update must leave as it was. The forward pass has moved the layer
+        # state before the update is judged: a NaN batch would otherwise leave NaN in
+        # BatchNorm's moving statistics (every later inference output NaN), and Dropout's RNG
+        # would have drawn for an update that never happened.
+        self.dropped_state = unique_variables(self.method_state + self.layer_state)
         self.train_loop = tf.function(self._train_loop)
         self.eval_step = tf.function(self._eval_step, reduce_retracing=True)
         self.diagnostics = tf.function(self._diagnostics, reduce_retracing=True)
@@ -110,8 +116,8 @@ class TrainStep:
         for batch, outputs in update.metric_inputs:
             self.strategy.run(self._replica_update_metrics, args=(batch, outputs))
 
-    def _drop(self, saved_method_state) -> None:
-        for variable, value in zip(self.method_state, saved_method_state):
+    def _drop(self, saved_state) -> None:
+        for variable, value in zip(self.dropped_state, saved_state):
             variable.assign(value)
 
     def _train_loop(self, iterator, num_steps: tf.Tensor) -> LoopOutputs:
@@ -126,7 +132,7 @@ class TrainStep:
             batches = [next(iterator) for _ in range(self.micro_batches)]
             # Every micro-batch's loss is normalised by the labelled examples of all K.
             normalisers = tf.add_n([self._global_normalisers(b) for b in batches])
-            saved_method_state = [tf.identity(v) for v in self.method_state]
+            saved_state = [tf.identity(v) for v in self.dropped_state]
             update = self.source.compute(batches, normalisers, self.policy.scale(),
                                          self.layer_state)
             stats = update.stats
@@ -135,12 +141,12 @@ class TrainStep:
                 gradients_finite=(stats.bad_gradient == 0.0) & update.finite)
             last = stats
             if verdict.stop:
-                self._drop(saved_method_state)
+                self._drop(saved_state)
                 break
             if verdict.apply:
                 self._apply(update)
             else:
-                self._drop(saved_method_state)
+                self._drop(saved_state)
                 self.skipped_steps.assign_add(1)
             self.policy.after(verdict)
             self.step.assign_add(1)
