@@ -449,3 +449,17 @@ def test_a_record_of_the_layers_written_before_the_package_split_rebuilds_them()
         np.asarray(outputs["right"], np.float64),
         [[0.013229615986347198, 0.082918182015419],
          [-0.12164062261581421, 0.011097773909568787]])
+
+
+def test_ple_task_experts_below_the_last_level_are_shared_by_every_task():
+    """They feed their level's shared gate: the weighting methods combine their task gradients
+    (README, Architectures); the last level's task experts and every task gate are one task's."""
+    model = mtl.architectures.build("ple", (6,), {"a": mtl.heads.regression(1),
+                                                  "b": mtl.heads.regression(1)},
+                                    backbone="mlp", num_levels=2)
+    tasks = {v.path: v.tasks for v in mtl.sharing_report(model).variables}
+    assert tasks["level0_a_expert_0/dense_0/kernel"] == ("a", "b")
+    assert tasks["level0_b_expert_0/dense_1/kernel"] == ("a", "b")
+    assert tasks["level0_gate_a/kernel"] == ("a",)
+    assert tasks["level1_a_expert_0/kernel"] == ("a",)
+    assert tasks["level1_shared_expert_0/kernel"] == ("a", "b")
