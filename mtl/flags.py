@@ -35,13 +35,13 @@ def parse(argv) -> list[str]:
     return flags.FLAGS(list(argv))
 
 
-def _fields() -> dict[str, dataclasses.Field]:
-    return {name: field for name, field, _ in flat_fields(Config)}
+#: Every setting's field by its flat name (the flag's name).
+_FIELDS: dict[str, dataclasses.Field] = {name: field for name, field, _ in flat_fields(Config)}
 
 
 def _flag_default(name: str, value):
     """A setting's value as its flag holds it."""
-    kind = _fields()[name].metadata["kind"]
+    kind = _FIELDS[name].metadata["kind"]
     if kind == "options":
         return json.dumps(value) if value else ""
     if kind == "list":
@@ -82,7 +82,7 @@ def define_flags(**defaults) -> None:
         _adopt_as_key_flags()
         return
     values = {**_DEFAULTS, **defaults}
-    for name, field in _fields().items():
+    for name, field in _FIELDS.items():
         _define(name, field, _flag_default(name, values[name]))
     _adopt_as_key_flags()
 
@@ -100,7 +100,7 @@ def _adopt_as_key_flags() -> None:
 def config_from_flags(flag_values=None) -> Config:
     """The parsed flags as a checked `Config`."""
     fv = flags.FLAGS if flag_values is None else flag_values
-    fields = _fields()
+    fields = _FIELDS
     settings = {}
     for name in SETTINGS:
         value = fv[name].value
@@ -134,7 +134,7 @@ def flag_table(defaults: dict | None = None) -> str:
     """The README's flag table (markdown): one row per flag, its default and its help."""
     values = {**_DEFAULTS, **(defaults or {})}
     rows = ["| flag | default | meaning |", "| --- | --- | --- |"]
-    for name, field in _fields().items():
+    for name, field in _FIELDS.items():
         rows.append(f"| `--{name}` | {_default_cell(field, values[name])} | "
                     f"{field.metadata['help']} |")
     return "\n".join(rows)

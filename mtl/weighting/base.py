@@ -288,7 +288,14 @@ def _standalone(function, what: str):
 class GramianWeighting(GradientWeighting):
     """A gradient method defined by weights of the task gradients computed from their Gramian
     `J J^T` alone; the direction is `w @ J`. Only these can run in "rep" mode, where the step
-    sums the replicas' Gramians of gradients w.r.t. the shared representation."""
+    sums the replicas' Gramians of gradients w.r.t. the shared representation.
+
+    The weights w come from G = J J^T ([T, T]) alone, so the step may pass the Gramian
+    (`weights_from_gramian`); `aggregate(J)` forms it (T^2 P) and returns `J^T w`. The weights
+    a method returns are the ones applied, so `weights()` is exact. Cost beyond `equal`: T
+    backward passes (the Jacobian) and the Gramian; the T x T solve is negligible for T up to
+    tens.
+    """
 
     consumes = GRAMIAN
     uses_gramian = True

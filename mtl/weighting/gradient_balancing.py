@@ -4,11 +4,8 @@ the Jacobian replaced by one with orthogonal rows of equal norm, Senushkin et al
 `gradnorm` (GradNorm: weights that move the gradient norms towards each task's relative
 training rate, Chen et al.).
 
-Like every `GramianWeighting` (`base`): the weights w come from G = J J^T ([T, T]) alone, so the
-step may pass the Gramian (`weights_from_gramian`); `aggregate(J)` forms it (T^2 P) and returns
-`J^T w`. The weights each method returns are the ones applied, so `weights()` is exact. Cost
-beyond `equal`: T backward passes (the Jacobian) and the Gramian; the T x T solve is negligible
-for T up to tens.
+Each is a `GramianWeighting` (`base`: its weights come from the Gramian alone, what that
+means for the step, for `weights()` and for the cost).
 """
 
 from __future__ import annotations
